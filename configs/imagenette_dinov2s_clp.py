@@ -1,0 +1,32 @@
+"""CLP-DD on Imagenette (10 classes) with DINOv2 ViT-S/14 at 112 px: the CPU-sized experiment.
+
+    python -m jdd.main --config=configs/imagenette_dinov2s_clp.py:data=PATH,backbone=PATH --workdir=runs/x
+
+``data``: an ImageFolder root with train/ and val/ (e.g. ../shared/data/imagenette), or empty for the
+TFDS ``imagenette`` builder; ``backbone``: a local Hugging Face checkpoint dir or hub name.
+Real features come from a feature cache, so a step only encodes the synthetic copies.
+"""
+from jdd import config as jc
+
+
+def get_config(arg=None):
+    a = jc.parse_arg(arg, data="", backbone="facebook/dinov2-small", ipc=1, runlocal=False)
+    c = jc.base_config()
+    jc.use_data(c, "imagenette", a.data)
+    c.backbone.spec = a.backbone
+    c.data.real_res, c.data.crop_res = 128, 112
+    c.syn.res = 112
+    c.syn.ipc = a.ipc
+    c.syn.extent = 100
+    c.steps = 1000
+    c.augment.copies = 4
+    jc.set_method(c, "clp")
+    c.real.source = "cache"
+    c.real.cache_views = 1
+    c.real.per_class = 100
+    c.ckpt_every = 100
+    c.log_every = 20
+    c.eval.baselines = True
+    if a.runlocal:
+        jc.runlocal(c)
+    return c.lock()

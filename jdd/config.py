@@ -1,0 +1,134 @@
+"""The experiment config: every key a run reads, with its default, in one ConfigDict.
+
+Config files under ``configs/`` start from :func:`base_config`, override what their experiment
+changes, and return the locked result, so a typo in a file or in a ``--config.a.b=v`` override is
+an error instead of a silently ignored key. :func:`parse_arg` reads big_vision-style string
+arguments (``"ipc=10,runlocal"``).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from jdd import methods
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses ``"k1=v1,flag,k2=v2"`` into a ConfigDict typed after ``defaults``.
+
+    A bare word sets a boolean default to True. Unknown words are an error naming the known ones.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        if not eq:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            out[key] = type(default)(value) if default is not None else value
+    return out
+
+
+def set_method(config: ml_collections.ConfigDict, name: str) -> None:
+    """Selects a method and puts its own hyper-parameters (with defaults) under ``config.method``."""
+    config.method_name = name
+    config.method = methods.get(name).default_config()
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 5000
+
+    c.data = dict(
+        name="imagenet2012",    # "imagefolder" or a TFDS name (see jdd.data)
+        data_dir="",           # ImageFolder root, or TFDS data_dir ("" = TFDS default)
+        classes="",            # "" = all, "imagenet100", or comma-separated class ids
+        train_split="train",
+        test_split="validation",
+        real_res=256,          # resize the shorter side to this ...
+        crop_res=224,          # ... then crop (random for training, centre for testing)
+        workers=0,             # decoding threads; 0 = one per core
+    )
+    c.backbone = dict(
+        spec="facebook/dinov2-base",  # local Hugging Face checkpoint dir or hub name
+        dtype="float32",       # compute dtype: float32 or bfloat16 (parameters stay float32)
+        feature="embedding",   # which named backbone feature the probe sees
+    )
+    c.syn = dict(
+        ipc=1,                 # synthetic images per class
+        res=256,               # synthetic image resolution (LGM: 256, cropped to crop_res by the augmentation)
+        param="pyramid",       # "pixels" or "pyramid" (jdd.synsets)
+        extent=200,            # pyramid: steps between added levels
+        grow_mode="lgm",       # pyramid: "lgm" rescales old levels and adds a noise level (the paper's
+                               # code); "exact" adds a zero level, leaving the images unchanged
+        decorrelate=True,      # fixed colour-decorrelation matrix before the sigmoid (LGM)
+        init="noise",          # "noise" or "real" (real images of the class)
+        lr=2e-3,               # Adam learning rate of the image parameters
+        reset_opt_on_grow=True,  # LGM resets Adam when a pyramid level is added
+        learn_labels=False,    # learnable soft labels (softmax of logits)
+        label_lr=1e-2,
+        label_init_temp=1.0,   # soft-label logits start at one_hot / temp
+    )
+    c.augment = dict(
+        ops="flip,rrc,noise",  # jdd.augment op names, applied in order
+        copies=10,             # augs_per_batch: augmented copies of each synthetic image per step
+        rrc_scale=(0.08, 1.0),
+        noise_std=0.2,
+        augment_real=True,     # the same augmentations on the real batch (LGM)
+    )
+    c.real = dict(
+        source="backbone",     # "backbone": encode an augmented real batch every step; "cache": feature cache
+        per_class=0,           # real images per class per step; 0 = ipc * copies (LGM)
+        cache_views=1,         # cache: augmented views per real image (1 = plain eval preprocessing)
+        cache_dir="",          # "" = <workdir>/../feature_cache
+    )
+    set_method(c, "clp")
+    c.parallel = dict(num_devices=0, multihost=False)  # 0 = all devices
+    c.log_every = 50
+    c.ckpt_every = 500
+    c.keep_ckpts = 3
+    c.png_every = 0            # also write distilled.png every N steps (0 = only at the end)
+
+    c.eval = dict(
+        enabled=True,
+        mode="full",           # "full" (LGM protocol) or "features" (fast look, no augmentation)
+        epochs=1000,
+        seeds=5,
+        baselines=False,       # also evaluate random / centroid / neighbour real images and the full probe
+        backbone="",           # evaluate with another backbone (cross-backbone transfer); "" = the same
+        test_batch=256,
+    )
+    return c
+
+
+def use_data(config: ml_collections.ConfigDict, name: str, data_dir: str = "") -> None:
+    """Names the dataset; a local ``data_dir`` holding ``train/`` turns it into an ImageFolder tree."""
+    import os
+    if data_dir and os.path.isdir(os.path.join(data_dir, "train")):
+        config.data.name, config.data.data_dir = "imagefolder", data_dir
+        config.data.test_split = "val"
+    else:
+        config.data.name, config.data.data_dir = name, data_dir
+
+
+def runlocal(config: ml_collections.ConfigDict) -> None:
+    """Shrinks a config to finish in about a minute on a laptop CPU (a smoke run, not a result)."""
+    config.steps = 20
+    config.log_every = 5
+    config.ckpt_every = 10
+    config.data.real_res, config.data.crop_res = 64, 56
+    config.syn.res = 56
+    config.syn.extent = 4
+    config.augment.copies = 2
+    config.real.per_class = 2
+    config.eval.epochs = 30
+    config.eval.seeds = 2
+    if not config.data.classes and config.data.name in ("imagenet2012",):
+        config.data.classes = "n01440764,n02102040,n02979186,n03000684,n03028079"

@@ -1,0 +1,211 @@
+"""The distillation state and the pure update step.
+
+State (a plain pytree; what the checkpoint holds)::
+
+    {"step": int32[],
+     "params": {"syn": synset params, "labels": [M, C] soft-label logits (or {}), "method": method's "min" params},
+     "adv": method's "max" params (maximised against the images, e.g. NCFM's frequency sampler),
+     "opt": {"params": optax state, "adv": optax state},
+     "rng": the run's base key (uint32[2]); the key of step k is fold_in(rng, k), never advanced in place}
+
+The frozen backbone parameters, the method's constants (e.g. MTT expert trajectories) and the
+cached real features are arguments of the step, never part of the state.
+
+One step, in the global view (the device split happens only inside ``parallel.batch_map``):
+decode the synthetic images -> ``copies`` augmented copies -> backbone features; real features from
+the augmented real batch (or sampled from the feature cache, inside the step); the method's loss;
+Adam descent on ``params`` and ascent on ``adv``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jdd import augment, synsets
+from jdd.methods import Method
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static about a step: shapes, names and hyper-parameters (hashable)."""
+    num_classes: int
+    ipc: int
+    syn_param: str
+    syn_res: int
+    crop_res: int
+    copies: int
+    aug_ops: tuple[str, ...]
+    aug_opts: tuple[tuple[str, Any], ...]
+    augment_real: bool
+    learn_labels: bool
+    real_source: str          # "backbone" | "cache"
+    real_per_class: int       # cache mode: rows drawn per class each step
+    feature: str
+
+    @property
+    def num_images(self) -> int:
+        return self.num_classes * self.ipc
+
+
+def make_spec(config: ml_collections.ConfigDict, num_classes: int) -> StepSpec:
+    aug = config.augment
+    opts = dict(rrc_scale=tuple(aug.rrc_scale), noise_std=aug.noise_std)
+    per_class = config.real.per_class or config.syn.ipc * aug.copies
+    return StepSpec(
+        num_classes=num_classes, ipc=config.syn.ipc, syn_param=config.syn.param,
+        syn_res=config.syn.res, crop_res=config.data.crop_res, copies=aug.copies,
+        aug_ops=tuple(o.strip() for o in aug.ops.split(",") if o.strip()),
+        aug_opts=tuple(sorted(opts.items())), augment_real=aug.augment_real,
+        learn_labels=config.syn.learn_labels, real_source=config.real.source,
+        real_per_class=per_class, feature=config.backbone.feature)
+
+
+def syn_class_labels(spec: StepSpec) -> jax.Array:
+    """Class of each synthetic image, class-major: [M] int32 (image i belongs to class i // ipc)."""
+    return jnp.repeat(jnp.arange(spec.num_classes, dtype=jnp.int32), spec.ipc)
+
+
+def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """Adam on images (syn.lr), soft labels (syn.label_lr) and method params; Adam ascent on `adv`."""
+    method_lr = config.method.get("param_lr", config.syn.lr)
+    params_opt = optax.multi_transform(
+        {"syn": optax.adam(config.syn.lr), "labels": optax.adam(config.syn.label_lr),
+         "method": optax.adam(method_lr)},
+        {"syn": "syn", "labels": "labels", "method": "method"})
+    adv_lr = config.method.get("adv_lr", config.syn.lr)
+    return params_opt, optax.adam(adv_lr)
+
+
+def init_state(key, spec: StepSpec, config, *, method: Method, feat_dim: int,
+               init_images: jax.Array | None) -> dict:
+    """A fresh state at step 0 (``init_images`` [M, res, res, 3] in [0, 1] for real-image init)."""
+    k_syn, k_method = jax.random.split(key)
+    syn = synsets.init(spec.syn_param, k_syn, num_images=spec.num_images, res=spec.syn_res,
+                       init_images=init_images, **synset_opts(config))
+    labels = {}
+    if spec.learn_labels:
+        onehot = jax.nn.one_hot(syn_class_labels(spec), spec.num_classes)
+        labels = onehot / config.syn.label_init_temp
+    mparams = method.init_params(k_method, feat_dim, spec.num_classes, config.method)
+    params = {"syn": syn, "labels": labels, "method": mparams["min"]}
+    params_opt, adv_opt = make_optimizers(config)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "adv": mparams["max"],
+            "opt": {"params": params_opt.init(params), "adv": adv_opt.init(mparams["max"])},
+            "rng": key}
+
+
+def synset_opts(config) -> dict:
+    """Parametrisation options shared by init and decode."""
+    return {"decorrelate": config.syn.decorrelate}
+
+
+# Tag folded into the run key for the random parts of pyramid growth (distinct from step keys).
+_GROW_TAG = 0x67726F77
+
+
+def grow(state: dict, config, spec: StepSpec, step: int) -> dict:
+    """Adds a pyramid level when due at ``step``; resets (LGM) or carries over the image Adam state."""
+    opts = {}
+    if spec.syn_param == "pyramid":
+        key = jax.random.fold_in(jax.random.fold_in(state["rng"], _GROW_TAG), step)
+        opts = {"mode": config.syn.grow_mode, "key": key}
+    syn, changed = synsets.grow(spec.syn_param, state["params"]["syn"], step=step, res=spec.syn_res,
+                                extent=config.syn.extent, **opts)
+    if not changed:
+        return state
+    params = dict(state["params"], syn=syn)
+    params_opt, _ = make_optimizers(config)
+    fresh = params_opt.init(params)
+    opt = fresh if config.syn.reset_opt_on_grow else _carry_over(state["opt"]["params"], fresh)
+    return dict(state, params=params, opt=dict(state["opt"], params=opt))
+
+
+def _carry_over(old, new):
+    """Keeps old Adam moments wherever the new state has a leaf of the same path and shape."""
+    old_leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(old)}
+
+    def pick(path, x):
+        prev = old_leaves.get(jax.tree_util.keystr(path))
+        return prev if prev is not None and prev.shape == x.shape else x
+    return jax.tree_util.tree_map_with_path(pick, new)
+
+
+def syn_labels(params: dict, spec: StepSpec) -> jax.Array:
+    """[M, C] label distribution of the synthetic images (one-hot unless labels are learned)."""
+    if spec.learn_labels:
+        return jax.nn.softmax(params["labels"], axis=-1)
+    return jax.nn.one_hot(syn_class_labels(spec), spec.num_classes)
+
+
+def sample_cache(key, cache: dict, spec: StepSpec) -> dict:
+    """Draws ``real_per_class`` cached feature rows of every class (with replacement), in-step.
+
+    ``cache``: {"feats": [N, V, D], "offsets": [C] int32, "counts": [C] int32} with rows sorted by
+    class; a random augmented view of each drawn row is used.
+    """
+    k_row, k_view = jax.random.split(key)
+    c, n = spec.num_classes, spec.real_per_class
+    u = jax.random.uniform(k_row, (c, n))
+    rows = cache["offsets"][:, None] + jnp.floor(u * cache["counts"][:, None]).astype(jnp.int32)
+    rows = rows.reshape(-1)
+    views = jax.random.randint(k_view, rows.shape, 0, cache["feats"].shape[1])
+    labels = jnp.repeat(jnp.arange(c, dtype=jnp.int32), n)
+    return {"feats": cache["feats"][rows, views], "labels": labels}
+
+
+def make_loss(spec: StepSpec, config, method: Method, encode: Callable) -> Callable:
+    """loss(params, adv, consts, bb_params, real, key) -> (loss, aux) in the global view.
+
+    ``encode(bb_params, images) -> features`` is the device-parallel backbone (parallel.batch_map).
+    ``real`` is {"image": [N, h, w, 3], "label": [N]} or, in cache mode, the cache arrays.
+    """
+    aug_opts = dict(spec.aug_opts)
+    sopts = synset_opts(config)
+    mcfg = config.method
+
+    def loss_fn(params, adv, consts, bb_params, real, key):
+        k_syn, k_real, k_method = jax.random.split(key, 3)
+        images = synsets.decode(spec.syn_param, params["syn"], res=spec.syn_res, **sopts)
+        copies = augment.augment_copies(k_syn, images, spec.copies, ops=spec.aug_ops,
+                                        out_res=spec.crop_res, **aug_opts)
+        syn = {"feats": encode(bb_params, copies),
+               "labels": jnp.tile(syn_labels(params, spec), (spec.copies, 1))}
+        if spec.real_source == "cache":
+            real_b = sample_cache(k_real, real, spec)
+        else:
+            x = real["image"]
+            if spec.augment_real:
+                x = augment.augment(k_real, x, ops=spec.aug_ops, out_res=spec.crop_res, **aug_opts)
+            real_b = {"feats": encode(bb_params, x), "labels": real["label"]}
+        real_b = jax.tree.map(jax.lax.stop_gradient, real_b)
+        return method.loss({"min": params["method"], "max": adv}, consts, k_method, syn, real_b, mcfg)
+
+    return loss_fn
+
+
+def make_step(spec: StepSpec, config, method: Method, encode: Callable) -> Callable:
+    """step(state, consts, bb_params, real) -> (state, metrics); pure, to be jitted by the caller."""
+    loss_fn = make_loss(spec, config, method, encode)
+    params_opt, adv_opt = make_optimizers(config)
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+    def step(state, consts, bb_params, real):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        (loss, aux), (g_params, g_adv) = grad_fn(state["params"], state["adv"], consts, bb_params, real, key)
+        updates, opt_p = params_opt.update(g_params, state["opt"]["params"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # Ascent: the adversary maximises the same loss the images minimise.
+        neg = jax.tree.map(jnp.negative, g_adv)
+        updates, opt_a = adv_opt.update(neg, state["opt"]["adv"], state["adv"])
+        adv = optax.apply_updates(state["adv"], updates)
+        metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(g_params["syn"]))
+        new = dict(state, step=state["step"] + 1, params=params, adv=adv,
+                   opt={"params": opt_p, "adv": opt_a})
+        return new, metrics
+
+    return step
