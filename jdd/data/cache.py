@@ -1,0 +1,228 @@
+"""Real-feature cache: encode a split once with a frozen backbone, read it memory-mapped after.
+
+Layout of one cache directory, CACHE_DIR/<dataset>-<split>-<name>-<hash of the key>/:
+
+    features.npy   float32 (or float16) [N, views, D]: row i = embeddings of source image i, always
+                   3-D (views == 1 included; use `FeatureCache.view(0)` for an [N, D] view)
+    labels.npy     int32 [N]
+    meta.json      the full key, shapes, class ids/names; written last: its presence means complete
+    progress.json  while building: rows done, atomically replaced after every batch
+    .lock          an flock held by the building process, so concurrent builders wait, not clash
+
+A build that is killed resumes at the first unfinished batch; rows already written are not
+encoded again. Image i's views are deterministic given (seed, batch start, view), so a resumed
+build gives the same arrays as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from typing import Any, Callable
+
+import numpy as np
+import tqdm
+
+from jdd.data.loader import ImageSpec, Loader, Request, prefetched
+from jdd.data.sources import Source
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+EmbedFn = Callable[[np.ndarray], Any]       # float32 [B, H, W, 3] in [0, 1] -> [B, D]
+AugmentFn = Callable[[int, np.ndarray], Any]  # (uint32 seed, images [B, H, W, 3]) -> images
+
+
+@dataclasses.dataclass
+class FeatureCache:
+    """Cached features of one split: features [N, views, D] (memory-mapped, read-only), labels [N]."""
+    path: str
+    features: np.ndarray
+    labels: np.ndarray
+    meta: dict
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def views(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[2])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def view(self, k: int = 0) -> np.ndarray:
+        """Features of view k: [N, D] (a strided memory-mapped view, no copy)."""
+        return self.features[:, k]
+
+    @classmethod
+    def open(cls, path: str) -> "FeatureCache":
+        """Opens a complete cache directory (raises FileNotFoundError if it is absent or unfinished)."""
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{path} is not a complete feature cache (no meta.json); build it with "
+                                    f"jdd.data.feature_cache(...)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        return cls(path, np.load(os.path.join(path, "features.npy"), mmap_mode="r"),
+                   np.load(os.path.join(path, "labels.npy")), meta)
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Writes JSON atomically: readers see the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def cache_dir_name(source: Source, key: dict | str, full_key: dict) -> str:
+    """<dataset>-<split>-<backbone or key>-<16 hex digits of the full key's hash>."""
+    label = key if isinstance(key, str) else str(key.get("backbone", key.get("name", "")))
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "_", f"{source.name}-{source.split}-{label}").strip("_")[:80]
+    return f"{slug}-{hashlib.sha256(_canonical(full_key).encode()).hexdigest()[:16]}"
+
+
+def _augment_seed(seed: int, start: int, view: int) -> int:
+    return int(np.random.SeedSequence((seed, start, view)).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def _exclusive(path: str):
+    with open(os.path.join(path, ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # blocks while another process builds this cache
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_args(res: int, crop_res: int, views: int, augment, batch_size: int, dtype) -> None:
+    ImageSpec(res, crop_res)  # validates the sizes
+    if views < 1:
+        raise ValueError(f"views={views} must be >= 1")
+    if views > 1 and augment is None:
+        raise ValueError(f"views={views} needs an `augment` callable; without one every view is identical")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise ValueError(f"dtype={dtype} is not supported for features; use float32 or float16")
+
+
+def feature_cache(source: Source, embed_fn: EmbedFn, *, key: dict | str, cache_dir: str, res: int,
+                  crop_res: int, views: int = 1, augment: AugmentFn | None = None, batch_size: int = 64,
+                  seed: int = 0, dtype=np.float32, workers: int | None = None, prefetch: int = 2,
+                  draft: bool = True, progress: bool = True) -> FeatureCache:
+    """Returns the cached features of `source` under `embed_fn`, encoding only what is missing.
+
+    Images are centre-cropped (resize shorter side to `res`, crop `crop_res`), then, when `augment`
+    is given, augmented `views` times with seeds derived from (seed, batch start, view). embed_fn
+    sees float32 [batch_size, crop_res, crop_res, 3] in [0, 1] (the last batch is zero-padded to a
+    full batch, so a jitted function compiles once) and returns [batch_size, D].
+
+    key: what else makes these features unique (backbone name, weights, feature name, ...); it is
+    combined with the source identity, resolution, views and augmentation settings, hashed into the
+    directory name, stored in meta.json and checked on load.
+    """
+    _check_args(res, crop_res, views, augment, batch_size, dtype)
+    full_key = {"format": FORMAT_VERSION, "key": key, "source": source.identity(), "res": res,
+                "crop_res": crop_res, "views": views, "augmented": augment is not None, "draft": draft,
+                "dtype": np.dtype(dtype).name}
+    if augment is not None:  # the random views depend on the seed and on the batch boundaries
+        full_key.update(seed=seed, batch_size=batch_size)
+    path = os.path.join(os.path.expanduser(cache_dir), cache_dir_name(source, key, full_key))
+    os.makedirs(path, exist_ok=True)
+    with _exclusive(path):
+        meta = _read_json(os.path.join(path, "meta.json"))
+        if meta is None:
+            _build(source, embed_fn, path, full_key, batch_size, augment, views, seed, dtype,
+                   ImageSpec(res, crop_res, draft), workers, prefetch, progress)
+        elif _canonical(meta["full_key"]) != _canonical(full_key):
+            raise ValueError(f"feature cache {path} was built for another key: {meta['full_key']}; delete it")
+    return FeatureCache.open(path)
+
+
+def _embed(embed_fn: EmbedFn, images: np.ndarray, batch_size: int, dim: int | None) -> np.ndarray:
+    out = np.asarray(embed_fn(images), np.float32)
+    if out.ndim != 2 or out.shape[0] != batch_size or (dim is not None and out.shape[1] != dim):
+        raise ValueError(f"embed_fn returned shape {out.shape}; expected [{batch_size}, D]"
+                         + (f" with D={dim}" if dim else ""))
+    return out
+
+
+def _build(source: Source, embed_fn: EmbedFn, path: str, full_key: dict, batch_size: int,
+           augment: AugmentFn | None, views: int, seed: int, dtype, spec: ImageSpec, workers, prefetch,
+           progress: bool) -> None:
+    n = len(source)
+    prog_path, feat_path = os.path.join(path, "progress.json"), os.path.join(path, "features.npy")
+    state = _read_json(prog_path)
+    if state is not None and _canonical(state["full_key"]) != _canonical(full_key):
+        state = None  # an unrelated partial build (cannot happen short of a hash collision): start over
+    done = int(state["done"]) if state else 0
+    features = np.load(feat_path, mmap_mode="r+") if done else None
+    dim = int(features.shape[2]) if done else None
+    unreadable_before = set(state.get("unreadable", [])) if state else set()
+    if done:
+        log.info("resuming feature cache %s at %d / %d images", path, done, n)
+
+    def requests():
+        for lo in range(done, n, batch_size):
+            idx = np.arange(lo, lo + batch_size, dtype=np.int64)
+            idx[idx >= n] = -1  # padding rows: zero images, outputs dropped
+            yield Request(idx, np.where(idx >= 0, source.labels[np.maximum(idx, 0)], 0), None, substitute=True)
+
+    start = time.time()
+    bar = tqdm.tqdm(total=n, initial=done, unit="img", desc=f"encoding {os.path.basename(path)}",
+                    disable=not progress, smoothing=0.1, mininterval=1.0)
+    batches = prefetched(Loader(source, spec, workers), requests(), prefetch)
+    try:
+        for lo, batch in zip(range(done, n, batch_size), batches):
+            hi = min(lo + batch_size, n)
+            for v in range(views):
+                images = batch["image"] if augment is None else augment(_augment_seed(seed, lo, v), batch["image"])
+                out = _embed(embed_fn, images, batch_size, dim)
+                if features is None:  # first batch: now D is known
+                    dim = out.shape[1]
+                    features = np.lib.format.open_memmap(feat_path, mode="w+", dtype=dtype, shape=(n, views, dim))
+                    np.save(os.path.join(path, "labels.npy"), source.labels.astype(np.int32))
+                features[lo:hi, v] = out[:hi - lo]
+            features.flush()  # rows on disk before the progress record says so
+            _write_json(prog_path, {"full_key": full_key, "done": hi, "dim": dim,
+                                    "unreadable": sorted(unreadable_before | set(source.unreadable))})
+            bar.update(hi - lo)
+    finally:
+        batches.close()
+        bar.close()
+    unreadable = sorted(unreadable_before | set(source.unreadable))
+    if unreadable:
+        log.warning("%d unreadable images were replaced by another image of their class: %s",
+                    len(unreadable), unreadable[:20])
+    meta = {"full_key": full_key, "num_examples": n, "views": views, "dim": dim, "dtype": np.dtype(dtype).name,
+            "num_classes": source.num_classes, "class_ids": source.class_ids, "class_names": source.class_names,
+            "unreadable": unreadable, "build_seconds_last_session": round(time.time() - start, 1)}
+    _write_json(os.path.join(path, "meta.json"), meta)
+    os.remove(prog_path)

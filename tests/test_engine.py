@@ -1,0 +1,150 @@
+"""The distillation engine end to end: determinism, resume, devices, CLI, clear errors."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jdd import distill
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO / "tests" / "configs" / "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """4 classes of coloured noise images (ImageFolder), separable by their mean colour."""
+    root = tmp_path_factory.mktemp("tiny_imagefolder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for c in range(4):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                base = np.zeros((40, 48, 3))
+                base[..., c % 3] = 0.3 + 0.4 * (c // 3)
+                img = np.clip(base + 0.3 * rng.random((40, 48, 3)), 0, 1)
+                Image.fromarray((img * 255).astype(np.uint8)).save(d / f"{i}.png")
+    return str(root)
+
+
+def _load_tiny():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def images_of(workdir):
+    with np.load(os.path.join(workdir, "distilled.npz")) as f:
+        return f["images"], f["labels"]
+
+
+def test_run_writes_outputs_and_is_deterministic(tiny_data, tmp_path):
+    cfg = _load_tiny().get_config(f"data={tiny_data},steps=4")
+    distill.run(cfg, str(tmp_path / "a"))
+    distill.run(cfg, str(tmp_path / "b"))
+    a, labels = images_of(tmp_path / "a")
+    b, _ = images_of(tmp_path / "b")
+    assert a.shape == (4, 32, 32, 3) and labels.tolist() == [0, 1, 2, 3]
+    assert a.min() >= 0 and a.max() <= 1
+    np.testing.assert_array_equal(a, b)
+    for name in ("distilled.png", "loss.png", "metrics.jsonl"):
+        assert (tmp_path / "a" / name).exists(), name
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("method,source,param", [("clp", "cache", "pyramid"), ("lgm", "backbone", "pixels")])
+def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path, method, source, param):
+    tiny = _load_tiny()
+    common = f"data={tiny_data},method={method},source={source},param={param}"
+    distill.run(tiny.get_config(common + ",steps=6"), str(tmp_path / "full"))
+    # "Killed" after step 3's checkpoint (ckpt_every=2 -> the latest is step 2; a forced final save at 3).
+    distill.run(tiny.get_config(common + ",steps=3"), str(tmp_path / "resumed"))
+    distill.run(tiny.get_config(common + ",steps=6"), str(tmp_path / "resumed"))
+    full, _ = images_of(tmp_path / "full")
+    resumed, _ = images_of(tmp_path / "resumed")
+    np.testing.assert_allclose(resumed, full, rtol=0, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert steps == [2, 3, 4, 6]
+
+
+def test_resume_with_a_different_config_is_refused(tiny_data, tmp_path):
+    tiny = _load_tiny()
+    distill.run(tiny.get_config(f"data={tiny_data},steps=2"), str(tmp_path))
+    with pytest.raises(ValueError, match="different config"):
+        distill.run(tiny.get_config(f"data={tiny_data},steps=4,method=dm"), str(tmp_path))
+
+
+@pytest.mark.parametrize("source", ["cache", "backbone"])
+def test_one_and_four_devices_agree(tiny_data, tmp_path, source):
+    import jax
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 (forced host) devices: XLA_FLAGS=--xla_force_host_platform_device_count=4")
+    tiny = _load_tiny()
+    out = {}
+    for n in (1, 4):
+        distill.run(tiny.get_config(f"data={tiny_data},steps=3,devices={n},source={source}"), str(tmp_path / str(n)))
+        out[n], _ = images_of(tmp_path / str(n))
+    np.testing.assert_allclose(out[4], out[1], rtol=0, atol=2e-5)
+    assert not np.allclose(out[1], 0.5)
+
+
+def test_learned_soft_labels_are_exported(tiny_data, tmp_path):
+    distill.run(_load_tiny().get_config(f"data={tiny_data},steps=2,learn_labels=true,method=bptt"), str(tmp_path))
+    with np.load(tmp_path / "distilled.npz") as f:
+        soft = f["soft_labels"]
+    assert soft.shape == (4, 4)
+    np.testing.assert_allclose(soft.sum(1), 1.0, rtol=1e-5)
+    assert not np.allclose(soft, np.eye(4))  # the labels moved
+
+
+def test_bad_input_fails_before_compiling(tiny_data, tmp_path):
+    tiny = _load_tiny()
+    cfg = tiny.get_config(f"data={tiny_data}")
+    with cfg.unlocked():
+        cfg.data.crop_res = 30  # not a multiple of the patch size 8
+    with pytest.raises(ValueError, match="multiple"):
+        distill.run(cfg, str(tmp_path / "a"))
+    cfg = tiny.get_config(f"data={tiny_data},devices=3")  # 2 copies x 4 images over 3 devices
+    with pytest.raises(ValueError, match="divisible"):
+        distill.run(cfg, str(tmp_path / "b"))
+    cfg = tiny.get_config(f"data={tiny_data}")
+    cfg.syn.init, cfg.syn.ipc = "real", 7
+    with pytest.raises(ValueError, match="has only 6"):
+        distill.run(cfg, str(tmp_path / "c"))
+    with pytest.raises(KeyError, match="unknown distillation method"):
+        tiny.get_config(f"data={tiny_data},method=nope")
+
+
+def test_unknown_config_key_is_an_error(tiny_data):
+    cfg = _load_tiny().get_config(f"data={tiny_data}")
+    with pytest.raises(AttributeError):
+        cfg.syn.ipcc = 2
+
+
+def test_cli_end_to_end(tiny_data, tmp_path):
+    """python -m jdd.main with a tiny ViT and tiny data: distil, evaluate, then --mode=eval again."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [sys.executable, "-m", "jdd.main", f"--config={TINY}:data={tiny_data},evaluate=true",
+           f"--workdir={tmp_path}", "--config.steps=4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.load(open(tmp_path / "results.json"))["results"]
+    (name, res), = results.items()
+    assert name == "distilled (clp)" and len(res["top1_per_seed"]) == 2
+    assert res["protocol"]["mode"] == "features"
+    proc = subprocess.run(cmd[:-1] + ["--mode=eval"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.load(open(tmp_path / "results.json"))["results"]["distilled (clp)"]
+    assert again["top1_per_seed"] == res["top1_per_seed"]
+    bad = subprocess.run(cmd[:-1] + ["--config.syn.ipcc=3"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert bad.returncode != 0 and "ipcc" in bad.stderr
