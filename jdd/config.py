@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment = dict(
         ops="flip,rrc,noise",  # jdd.augment op names, applied in order
         copies=10,             # augs_per_batch: augmented copies of each synthetic image per step
+        accum_chunks=1,        # encode the copies in this many chunks (exact; less memory, +1 forward)
         rrc_scale=(0.08, 1.0),
         noise_std=0.2,
         augment_real=True,     # the same augmentations on the real batch (LGM)

@@ -72,10 +72,21 @@ def validate(config, train, backbone, mesh) -> None:
     if unknown:
         raise ValueError(f"unknown augmentation(s) {unknown} in augment.ops; known: {sorted(augment.OPS)}")
     m = train.num_classes * config.syn.ipc
+    k = config.augment.accum_chunks
+    if k < 1 or config.augment.copies % k:
+        raise ValueError(f"augment.accum_chunks = {k} must be >= 1 and divide augment.copies = "
+                         f"{config.augment.copies}")
+    parallel.check_divisible("augment.copies / accum_chunks * num_classes * syn.ipc",
+                             config.augment.copies // k * m, mesh)
     parallel.check_divisible("augment.copies * num_classes * syn.ipc", config.augment.copies * m, mesh)
     if config.real.source == "backbone":
         per_class = config.real.per_class or config.syn.ipc * config.augment.copies
-        parallel.check_divisible("the real batch (real.per_class * num_classes)", per_class * train.num_classes, mesh)
+        real_batch = per_class * train.num_classes
+        if real_batch % k:
+            raise ValueError(f"the real batch (real.per_class * num_classes = {real_batch}) must be divisible "
+                             f"by augment.accum_chunks = {k}")
+        parallel.check_divisible("the real batch chunk (real.per_class * num_classes / accum_chunks)",
+                                 real_batch // k, mesh)
 
 
 def load_backbone(spec: str, dtype: str):

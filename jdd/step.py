@@ -44,7 +44,8 @@ class StepSpec:
     augment_real: bool
     learn_labels: bool
     real_source: str          # "backbone" | "cache"
-    real_per_class: int       # cache mode: rows drawn per class each step
+    real_per_class: int       # real images (or cached rows) per class each step
+    accum_chunks: int         # the synthetic copies go through the backbone in this many chunks
     feature: str
 
     @property
@@ -62,7 +63,8 @@ def make_spec(config: ml_collections.ConfigDict, num_classes: int) -> StepSpec:
         aug_ops=tuple(o.strip() for o in aug.ops.split(",") if o.strip()),
         aug_opts=tuple(sorted(opts.items())), augment_real=aug.augment_real,
         learn_labels=config.syn.learn_labels, real_source=config.real.source,
-        real_per_class=per_class, feature=config.backbone.feature)
+        real_per_class=per_class, accum_chunks=config.augment.accum_chunks,
+        feature=config.backbone.feature)
 
 
 def syn_class_labels(spec: StepSpec) -> jax.Array:
@@ -158,52 +160,98 @@ def sample_cache(key, cache: dict, spec: StepSpec) -> dict:
     return {"feats": cache["feats"][rows, views], "labels": labels}
 
 
-def make_loss(spec: StepSpec, config, method: Method, encode: Callable) -> Callable:
-    """loss(params, adv, consts, bb_params, real, key) -> (loss, aux) in the global view.
+def _augment_copies(key, images, copy_ids, spec: StepSpec) -> jax.Array:
+    """Augmented copies ``copy_ids`` of every image, copy-major: [len(copy_ids) * M, crop, crop, 3].
+
+    Copy c always uses ``fold_in(key, c)``, so a chunk of copies is augmented exactly as it would be in
+    the whole batch: gradient accumulation changes memory, never the numbers.
+    """
+    aug = lambda c: augment.augment(jax.random.fold_in(key, c), images, ops=spec.aug_ops,
+                                    out_res=spec.crop_res, **dict(spec.aug_opts))
+    out = jax.vmap(aug)(copy_ids)
+    return out.reshape(-1, *out.shape[2:])
+
+
+def make_loss_and_grad(spec: StepSpec, config, method: Method, encode: Callable) -> Callable:
+    """f(params, adv, consts, bb_params, real, key) -> ((loss, aux), (grad_params, grad_adv)).
 
     ``encode(bb_params, images) -> features`` is the device-parallel backbone (parallel.batch_map).
     ``real`` is {"image": [N, h, w, 3], "label": [N]} or, in cache mode, the cache arrays.
+
+    With ``spec.accum_chunks = K > 1`` the synthetic copies go through the backbone in K chunks, in
+    two passes, and only one chunk's activations are alive at a time: (1) features of every chunk,
+    without gradient; (2) the method's loss and its gradient w.r.t. those features (cheap); (3) per
+    chunk, the backbone's vector-Jacobian product with that gradient, accumulated in a ``lax.scan``.
+    Exact for every method (the loss sees all features at once), at the cost of one extra forward.
     """
-    aug_opts = dict(spec.aug_opts)
     sopts = synset_opts(config)
     mcfg = config.method
+    k_chunks = spec.accum_chunks
+    per_chunk = spec.copies // k_chunks
 
-    def loss_fn(params, adv, consts, bb_params, real, key):
-        k_syn, k_real, k_method = jax.random.split(key, 3)
-        images = synsets.decode(spec.syn_param, params["syn"], res=spec.syn_res, **sopts)
-        copies = augment.augment_copies(k_syn, images, spec.copies, ops=spec.aug_ops,
-                                        out_res=spec.crop_res, **aug_opts)
-        syn = {"feats": encode(bb_params, copies),
-               "labels": jnp.tile(syn_labels(params, spec), (spec.copies, 1))}
+    def syn_feats(syn_params, bb_params, k_syn, copy_ids):
+        images = synsets.decode(spec.syn_param, syn_params, res=spec.syn_res, **sopts)
+        return encode(bb_params, _augment_copies(k_syn, images, copy_ids, spec))
+
+    def real_feats(bb_params, real, k_real):
         if spec.real_source == "cache":
-            real_b = sample_cache(k_real, real, spec)
+            return sample_cache(k_real, real, spec)
+        x = real["image"]
+        if spec.augment_real:
+            x = augment.augment(k_real, x, ops=spec.aug_ops, out_res=spec.crop_res, **dict(spec.aug_opts))
+        if k_chunks > 1:  # forward only, but chunked too so the real batch never outweighs the synthetic one
+            feats = jax.lax.map(lambda xc: encode(bb_params, xc), x.reshape(k_chunks, -1, *x.shape[1:]))
+            feats = feats.reshape(-1, feats.shape[-1])
         else:
-            x = real["image"]
-            if spec.augment_real:
-                x = augment.augment(k_real, x, ops=spec.aug_ops, out_res=spec.crop_res, **aug_opts)
-            real_b = {"feats": encode(bb_params, x), "labels": real["label"]}
-        real_b = jax.tree.map(jax.lax.stop_gradient, real_b)
+            feats = encode(bb_params, x)
+        return {"feats": feats, "labels": real["label"]}
+
+    def outer(params, adv, feats, consts, real_b, k_method):
+        syn = {"feats": feats, "labels": jnp.tile(syn_labels(params, spec), (spec.copies, 1))}
         return method.loss({"min": params["method"], "max": adv}, consts, k_method, syn, real_b, mcfg)
 
-    return loss_fn
+    def loss_and_grad(params, adv, consts, bb_params, real, key):
+        k_syn, k_real, k_method = jax.random.split(key, 3)
+        real_b = jax.tree.map(jax.lax.stop_gradient, real_feats(bb_params, real, k_real))
+        if k_chunks == 1:
+            def total(params, adv):
+                feats = syn_feats(params["syn"], bb_params, k_syn, jnp.arange(spec.copies))
+                return outer(params, adv, feats, consts, real_b, k_method)
+            return jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(params, adv)
+
+        chunk_ids = jnp.arange(k_chunks)[:, None] * per_chunk + jnp.arange(per_chunk)  # [K, copies/K]
+        feats = jax.lax.map(lambda ids: syn_feats(params["syn"], bb_params, k_syn, ids), chunk_ids)
+        (loss, aux), (g_params, g_adv, g_feats) = jax.value_and_grad(outer, argnums=(0, 1, 2), has_aux=True)(
+            params, adv, feats.reshape(-1, feats.shape[-1]), consts, real_b, k_method)
+        g_feats = g_feats.reshape(feats.shape)
+
+        def accumulate(acc, xs):
+            ids, g = xs
+            _, vjp = jax.vjp(lambda sp: syn_feats(sp, bb_params, k_syn, ids), params["syn"])
+            return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params["syn"])
+        g_syn, _ = jax.lax.scan(accumulate, zeros, (chunk_ids, g_feats))
+        return (loss, aux), (dict(g_params, syn=g_syn), g_adv)
+
+    return loss_and_grad
 
 
 def make_step(spec: StepSpec, config, method: Method, encode: Callable) -> Callable:
     """step(state, consts, bb_params, real) -> (state, metrics); pure, to be jitted by the caller."""
-    loss_fn = make_loss(spec, config, method, encode)
+    loss_and_grad = make_loss_and_grad(spec, config, method, encode)
     params_opt, adv_opt = make_optimizers(config)
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
     def step(state, consts, bb_params, real):
         key = jax.random.fold_in(state["rng"], state["step"])
-        (loss, aux), (g_params, g_adv) = grad_fn(state["params"], state["adv"], consts, bb_params, real, key)
+        (loss, aux), (g_params, g_adv) = loss_and_grad(state["params"], state["adv"], consts, bb_params, real, key)
         updates, opt_p = params_opt.update(g_params, state["opt"]["params"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # Ascent: the adversary maximises the same loss the images minimise.
         neg = jax.tree.map(jnp.negative, g_adv)
         updates, opt_a = adv_opt.update(neg, state["opt"]["adv"], state["adv"])
         adv = optax.apply_updates(state["adv"], updates)
-        metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(g_params["syn"]))
+        metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(g_params["syn"]))
         new = dict(state, step=state["step"] + 1, params=params, adv=adv,
                    opt={"params": opt_p, "adv": opt_a})
         return new, metrics

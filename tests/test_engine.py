@@ -96,6 +96,18 @@ def test_one_and_four_devices_agree(tiny_data, tmp_path, source):
     assert not np.allclose(out[1], 0.5)
 
 
+@pytest.mark.parametrize("method,source", [("clp", "cache"), ("lgm", "backbone")])
+def test_gradient_accumulation_is_exact(tiny_data, tmp_path, method, source):
+    """Encoding the copies in 2 chunks (two passes) gives the same images as one pass."""
+    tiny = _load_tiny()
+    out = {}
+    for k in (1, 2):
+        distill.run(tiny.get_config(f"data={tiny_data},steps=3,chunks={k},method={method},source={source}"),
+                    str(tmp_path / str(k)))
+        out[k], _ = images_of(tmp_path / str(k))
+    np.testing.assert_allclose(out[2], out[1], rtol=0, atol=2e-5)
+
+
 def test_learned_soft_labels_are_exported(tiny_data, tmp_path):
     distill.run(_load_tiny().get_config(f"data={tiny_data},steps=2,learn_labels=true,method=bptt"), str(tmp_path))
     with np.load(tmp_path / "distilled.npz") as f:

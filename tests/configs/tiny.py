@@ -4,7 +4,7 @@ from jdd import config as jc
 
 def get_config(arg=None):
     a = jc.parse_arg(arg, data="", method="clp", param="pyramid", source="cache", steps=6, devices=0,
-                     learn_labels=False, evaluate=False)
+                     learn_labels=False, evaluate=False, chunks=1)
     c = jc.base_config()
     jc.use_data(c, "", a.data)
     c.backbone.spec = "random:dinov2/test"
@@ -18,6 +18,7 @@ def get_config(arg=None):
     c.log_every = 2
     c.ckpt_every = 2
     c.augment.copies = 2
+    c.augment.accum_chunks = a.chunks
     jc.set_method(c, a.method)
     c.real.source = a.source
     c.real.per_class = 2

@@ -1,0 +1,150 @@
+"""jdd.baselines: selections with known answers, the full-dataset fit against a float64 Newton optimum."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jdd import baselines, probe
+
+
+def test_random_indices_per_class_distinct_and_seeded():
+    labels = np.repeat(np.arange(4), [5, 6, 7, 8])
+    a = baselines.random_indices(labels, 4, 3, seed=0)
+    assert a.shape == (12,) and len(set(a)) == 12
+    np.testing.assert_array_equal(labels[a], np.repeat(np.arange(4), 3))  # class-major
+    np.testing.assert_array_equal(a, baselines.random_indices(labels, 4, 3, seed=0))
+    assert not np.array_equal(a, baselines.random_indices(labels, 4, 3, seed=1))
+    with pytest.raises(ValueError, match=r"ipc=6 is more than .*class 0 has 5\)"):
+        baselines.random_indices(labels, 4, 6, seed=0)
+
+
+def _planted():
+    """Per class, offsets 0, +1, +1.2, -2.2 along a direction from the class centre (mean = centre),
+    shuffled. Nearest to the mean: 0, +1, +1.2. Herding: 0, then +1 (|x/2| smallest), then -2.2
+    (|(1 + x)/3| = 0.4 beats 0.73 for +1.2)."""
+    rng = np.random.default_rng(0)
+    feats, labels, pos = [], [], {}
+    for c in range(3):
+        centre, v = rng.normal(size=5) * 3, rng.normal(size=5)
+        for off in rng.permutation([0.0, 1.0, 1.2, -2.2]):
+            pos[(c, off)] = len(feats)
+            feats.append(centre + off * v)
+            labels.append(c)
+    return np.array(feats), np.array(labels), pos
+
+
+def test_centroid_nearest_and_herding_pick_the_known_items():
+    feats, labels, pos = _planted()
+    near = baselines.centroid_indices(feats, labels, 3, 3, method="nearest")
+    herd = baselines.centroid_indices(feats, labels, 3, 3, method="herding")
+    np.testing.assert_array_equal(near, [pos[(c, o)] for c in range(3) for o in (0.0, 1.0, 1.2)])
+    np.testing.assert_array_equal(herd, [pos[(c, o)] for c in range(3) for o in (0.0, 1.0, -2.2)])
+    one = baselines.centroid_indices(feats, labels, 3, 1)  # LGM's centroid: nearest to the class mean
+    np.testing.assert_array_equal(one, [pos[(c, 0.0)] for c in range(3)])
+
+
+def test_neighbour_is_the_nearest_image_of_the_same_class():
+    feats, labels, pos = _planted()
+    queries = np.stack([feats[pos[(0, 1.2)]] + 0.01, feats[pos[(2, -2.2)]] - 0.01, feats[pos[(1, 1.0)]]])
+    # the third query sits on a class-1 image but is labelled class 0 (soft label, arg-max 0)
+    qlabels = np.array([[1.0, 0, 0], [0, 0, 1.0], [0.6, 0.4, 0]])
+    got = baselines.neighbour_indices(feats, labels, queries, qlabels)
+    d0 = {o: np.linalg.norm(feats[pos[(0, o)]] - queries[2]) for o in (0.0, 1.0, 1.2, -2.2)}
+    assert got[0] == pos[(0, 1.2)] and got[1] == pos[(2, -2.2)]
+    assert got[2] == pos[(0, min(d0, key=d0.get))] and labels[got[2]] == 0
+
+
+def newton_logreg(x, y, num_classes, l2, iters=30):
+    """float64 Newton's method for mean CE + l2/2 ||W||^2 (bias free); minimum-norm steps (the bias has a
+    flat direction, adding a constant to every class)."""
+    n, d = x.shape
+    xt = np.hstack([x, np.ones((n, 1))])
+    theta = np.zeros((d + 1, num_classes))
+    reg = np.zeros((d + 1, num_classes))
+    reg[:d] = l2
+    onehot = np.eye(num_classes)[y]
+    for _ in range(iters):
+        z = xt @ theta
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        g = (xt.T @ (p - onehot) / n + reg * theta).ravel()
+        h = np.zeros(((d + 1) * num_classes,) * 2)
+        for i in range(n):
+            s = np.diag(p[i]) - np.outer(p[i], p[i])
+            h += np.kron(np.outer(xt[i], xt[i]), s) / n
+        h += np.diag(reg.ravel())
+        theta -= np.linalg.lstsq(h, g, rcond=None)[0].reshape(theta.shape)
+    return theta[:d], theta[d]
+
+
+def test_lbfgs_fit_reaches_the_newton_optimum():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(90, 4))
+    y = rng.integers(0, 3, 90)
+    x[np.arange(90), y] += 1.0  # overlapping classes: a finite optimum even for the smallest l2
+    l2s = np.array([1e-3, 1e-1])
+    params, iters, gnorm = baselines._fit_lbfgs(jax.numpy.asarray(x, np.float32), jax.numpy.asarray(y),
+                                                jax.numpy.asarray(l2s, np.float32), 1e-6, num_classes=3,
+                                                max_iter=500, memory_size=10, chunk=32)  # 90 = 2 * 32 + 26
+    for g, l2 in enumerate(l2s):
+        w, b = newton_logreg(x, y, 3, l2)
+        np.testing.assert_allclose(params["w"][g], w, atol=2e-4)
+        np.testing.assert_allclose(params["b"][g], b - b.mean(), atol=2e-4)
+    assert (np.asarray(iters) < 500).all()
+
+
+def _toy(rng, n_per, sep):
+    c, d = 3, 6
+    means = sep * np.eye(c, d)
+    y = np.repeat(np.arange(c), n_per)
+    return (means[y] + rng.normal(size=(len(y), d))).astype(np.float32), y
+
+
+def test_full_dataset_probe_separable_and_reported():
+    rng = np.random.default_rng(2)
+    xtr, ytr = _toy(rng, 40, 8.0)
+    xte, yte = _toy(rng, 30, 8.0)
+    res = baselines.full_dataset_probe(jax.random.PRNGKey(0), xtr, ytr, xte, yte, num_classes=3)
+    assert res["top1_per_seed"] == [100.0] and res["top1_std"] == 0.0
+    proto = res["protocol"]
+    assert proto["selected_l2"] in proto["l2_grid"] and len(proto["val_top1_per_l2"]) == len(proto["l2_grid"])
+    val = np.array(proto["val_top1_per_l2"])
+    assert proto["selected_l2"] == proto["l2_grid"][np.flatnonzero(val == val.max())[-1]]
+
+
+def test_run_baselines_features_mode_and_write_results(tmp_path):
+    rng = np.random.default_rng(3)
+    xtr, ytr = _toy(rng, 40, 2.0)  # the train shapes of the test above: the full probe is compiled once
+    xte, yte = _toy(rng, 30, 2.0)
+    cfg = probe.probe_config()
+    cfg.mode, cfg.epochs, cfg.seeds = "features", 20, 2
+    key = jax.random.PRNGKey(4)
+    distilled = xtr[[0, 45, 90, 1, 46, 91]] + 0.1
+    out = baselines.run_baselines(key, train_feats=xtr, train_labels=ytr, test_feats=xte, test_labels=yte,
+                                  num_classes=3, ipc=2, probe_cfg=cfg, distilled_feats=distilled,
+                                  distilled_labels=np.array([0, 1, 2, 0, 1, 2]), draws=3,
+                                  meta={"backbone": "toy"})
+    assert list(out) == ["random", "centroid", "neighbour", "full"]
+    assert len(out["random"]["per_draw"]) == 3 and len(out["random"]["top1_per_seed"]) == 6
+    pooled = [v for d in out["random"]["per_draw"] for v in d["top1_per_seed"]]
+    assert out["random"]["top1_mean"] == pytest.approx(np.mean(pooled))
+    assert out["neighbour"]["indices"] == [0, 45, 90, 1, 46, 91]
+    # same probe key for every image set: the centroid entry equals a direct evaluation
+    idx = baselines.centroid_indices(xtr, ytr, 3, 2)
+    direct = probe.evaluate_features(jax.random.split(key)[0], xtr[idx], ytr[idx], xte, yte, num_classes=3,
+                                     cfg=cfg)
+    assert out["centroid"]["top1_per_seed"] == direct["top1_per_seed"]
+    assert out["centroid"]["indices"] == idx.tolist() and out["centroid"]["backbone"] == "toy"
+
+    jpath, mpath = baselines.write_results(tmp_path, out, meta={"dataset": "toy"})
+    saved = json.loads(open(jpath).read())
+    assert saved["meta"] == {"dataset": "toy"}
+    assert saved["results"]["full"]["top1_mean"] == out["full"]["top1_mean"]
+    table = open(mpath).read()
+    for name in out:
+        assert f"| {name} | {out[name]['top1_mean']:.2f} |" in table
+    with pytest.raises(ValueError, match="needs embed_fn and load_images"):
+        cfg.mode = "full"
+        baselines.run_baselines(key, train_feats=xtr, train_labels=ytr, test_feats=xte, test_labels=yte,
+                                num_classes=3, ipc=2, probe_cfg=cfg)
