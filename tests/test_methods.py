@@ -167,7 +167,7 @@ def test_clp_loss_matches_numpy(bias):
     cfg = _cfg("clp", ridge=0.05, temperature=0.1, fit_bias=bias)
     value, _ = _jit(clp.loss, cfg)({}, {}, KEY, syn, real)
     w, b = _np_ridge(syn["feats"], np.asarray(syn["labels"]) - 1 / C, 0.05, bias)
-    logp = np.log(_np_softmax((np.asarray(real["feats"], np.float64) @ w + b) / 0.1))
+    logp = np.log(_np_softmax((np.asarray(real["feats"], np.float64) @ w + b) * (1 + 0.05) / 0.1))
     ref = -np.mean(logp[np.arange(N), np.asarray(real["labels"])])
     np.testing.assert_allclose(value, ref, rtol=1e-4)
 
@@ -184,7 +184,8 @@ def test_clp_perfect_fit_when_syn_is_real_and_ridge_vanishes(outer):
 def test_kip_linear_equals_clp_mse_and_numpy():
     syn, real = _problem(soft=True)
     v_kip, _ = _jit(kip.loss, _cfg("kip", kernel="linear", ridge=0.03))({}, {}, KEY, syn, real)
-    v_clp, _ = _jit(clp.loss, _cfg("clp", ridge=0.03, outer="mse", form="dual"))({}, {}, KEY, syn, real)
+    clp_cfg = _cfg("clp", ridge=0.03, outer="mse", form="dual", fit_bias=False)
+    v_clp, _ = _jit(clp.loss, clp_cfg)({}, {}, KEY, syn, real)
     np.testing.assert_allclose(v_kip, v_clp, rtol=1e-4)
     w, _ = _np_ridge(syn["feats"], np.asarray(syn["labels"]) - 1 / C, 0.03)
     err = np.asarray(real["feats"], np.float64) @ w - (np.eye(C)[np.asarray(real["labels"])] - 1 / C)
@@ -233,8 +234,9 @@ def test_bptt_one_step_matches_hand_computation(optimizer):
     if optimizer == "sgd":
         lr = cfg.lr / np.mean(np.sum(zr ** 2, 1))
         w, b = w - lr * gw, b - lr * gb
-    else:  # first Adam step: m_hat = g, v_hat = g^2 -> lr * g / (|g| + eps)
-        w, b = w - cfg.lr * gw / (np.abs(gw) + 1e-8), b - cfg.lr * gb / (np.abs(gb) + 1e-8)
+    else:  # first Adam step: m_hat = g, v_hat = g^2 -> lr * g / (|g| + eps), lr relative to rms(z)
+        lr = cfg.lr / np.sqrt(np.mean(zr ** 2))
+        w, b = w - lr * gw / (np.abs(gw) + 1e-8), b - lr * gb / (np.abs(gb) + 1e-8)
     logp = np.log(_np_softmax(zr @ w + b))
     ref = -np.mean(logp[np.arange(N), np.asarray(real["labels"])])
     np.testing.assert_allclose(value, ref, rtol=1e-4)
@@ -293,6 +295,7 @@ def test_mtt_expert_trajectory_is_sgd_on_real():
     consts = mtt.prepare(KEY, real["feats"], real["labels"], C, cfg)
     traj = consts["traj"]
     assert traj["w"].shape == (1, 3, D, C) and traj["b"].shape == (1, 3, C)
+    assert float(consts["steps_per_epoch"]) == 1
     zr = np.asarray(real["feats"], np.float64)
     lr = cfg.expert_lr / np.mean(np.sum(zr ** 2, 1))
     w, b = np.asarray(traj["w"][0, 0], np.float64), np.asarray(traj["b"][0, 0], np.float64)
@@ -305,14 +308,14 @@ def test_mtt_expert_trajectory_is_sgd_on_real():
 def test_mtt_zero_when_student_reproduces_expert_step():
     _, real = _problem()
     cfg = _cfg("mtt", num_experts=2, epochs=3, max_start_epoch=3, expert_epochs=1, expert_batch=N,
-               syn_steps=1, expert_lr=0.7, student_lr_init=0.7)
+               syn_steps=1, expert_lr=0.7, student_lr_init=1.0)
     m, params, consts = _setup("mtt", cfg, real)
     syn = {"feats": real["feats"], "labels": jax.nn.one_hot(real["labels"], C)}
     f = _jit(m.loss, cfg)
     for k in jax.random.split(KEY, 4):  # several (expert, start epoch) draws
         value, aux = f(params, consts, k, syn, real)
         assert float(value) < 1e-6
-    np.testing.assert_allclose(aux["student_lr"], 0.7, rtol=1e-6)
+    np.testing.assert_allclose(aux["student_lr"], 1.0, rtol=1e-6)
     off = dict(syn, feats=syn["feats"] * 1.5)
     assert float(f(params, consts, KEY, off, real)[0]) > 1e-2
 

@@ -1,5 +1,6 @@
-"""Every method, minimised by Adam on the synthetic FEATURES of a toy problem, turns a badly
-initialised synthetic set into one on which a trained probe classifies held-out real data well."""
+"""Every method, minimised by Adam on the synthetic FEATURES of a toy problem, turns an
+uninformative synthetic set (every point at the global real mean, plus a little noise) into one on
+which a logistic-regression probe trained on it classifies held-out real data well."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,18 +11,19 @@ import jdd.methods as methods
 from jdd.methods import linear
 
 D, C, IPC, N_PER_CLASS = 16, 4, 2, 50
-STEPS = 40
+STEPS = 60
+LR = 0.1
 # Per-method overrides that keep the toy problem small and fast.
 OVERRIDES = {
     "mtt": dict(num_experts=4, epochs=6, max_start_epoch=4, expert_epochs=2, expert_batch=50,
-                syn_steps=5, student_lr_init=2.0),
+                syn_steps=5),
     "bptt": dict(steps=10),
     "ncfm": dict(num_freqs=128),
 }
 
 
 def _toy(seed):
-    """Gaussian class clusters; synthetic points start at the mean of the NEXT class (all wrong)."""
+    """Gaussian class clusters in D=16 (C=4); IPC synthetic points per class at the global mean."""
     rng = np.random.default_rng(seed)
     mu = 3.0 * rng.normal(size=(C, D))
 
@@ -31,7 +33,7 @@ def _toy(seed):
 
     (zr, yr), (zv, yv) = sample(N_PER_CLASS), sample(N_PER_CLASS)
     ys = np.repeat(np.arange(C), IPC)
-    zs = mu[(ys + 1) % C] + 0.1 * rng.normal(size=(len(ys), D))
+    zs = zr.mean(0) + 0.1 * rng.normal(size=(len(ys), D))
     return (jnp.asarray(zs, jnp.float32), jax.nn.one_hot(ys, C), {"feats": zr, "labels": yr},
             (jnp.asarray(zv), jnp.asarray(yv)))
 
@@ -53,7 +55,7 @@ def test_method_fixes_a_bad_synthetic_set(name):
     params = m.init_params(key, D, C, cfg)
     consts = m.prepare(key, real["feats"], real["labels"], C, cfg) if m.prepare else {}
     real = jax.tree.map(jnp.asarray, real)
-    opt = optax.adam(0.3)
+    opt = optax.adam(LR)
 
     @jax.jit
     def run(zs):
@@ -69,5 +71,5 @@ def test_method_fixes_a_bad_synthetic_set(name):
     zs, losses = run(zs0)
     before, after = _probe_accuracy(zs0, ys, val), _probe_accuracy(zs, ys, val)
     assert np.all(np.isfinite(losses))
-    assert before < 0.3, before  # the bad init classifies as the wrong class
-    assert after > 0.8, (name, before, after, losses[0], losses[-1])
+    assert before < 0.5, before
+    assert after > 0.9, (name, before, after, losses[0], losses[-1])
