@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
         grow_mode="lgm",       # pyramid: "lgm" rescales old levels and adds a noise level (the paper's
                                # code); "exact" adds a zero level, leaving the images unchanged
         decorrelate=True,      # fixed colour-decorrelation matrix before the sigmoid (LGM)
-        init="noise",          # "noise" or "real" (real images of the class)
+        init="noise",          # "noise", "real" (random real images) or "centroid" (nearest the class means)
         lr=2e-3,               # Adam learning rate of the image parameters
         reset_opt_on_grow=True,  # LGM resets Adam when a pyramid level is added
         learn_labels=False,    # learnable soft labels (softmax of logits)

@@ -58,12 +58,12 @@ def validate(config, train, backbone, mesh) -> None:
     if config.syn.res < config.data.crop_res and "rrc" not in config.augment.ops:
         log.warning("syn.res %d < crop_res %d: images are upsampled", config.syn.res, config.data.crop_res)
     counts = np.bincount(train.labels, minlength=train.num_classes)
-    if config.syn.ipc > counts.min() and config.syn.init == "real":
+    if config.syn.ipc > counts.min() and config.syn.init != "noise":
         c = int(counts.argmin())
         raise ValueError(f"syn.ipc = {config.syn.ipc} but class {train.class_names[c]!r} has only "
                          f"{counts[c]} training images; lower syn.ipc or use syn.init=noise")
-    if config.syn.init not in ("noise", "real"):
-        raise ValueError(f"syn.init must be 'noise' or 'real', got {config.syn.init!r}")
+    if config.syn.init not in ("noise", "real", "centroid"):
+        raise ValueError(f"syn.init must be 'noise', 'real' or 'centroid', got {config.syn.init!r}")
     if config.real.source not in ("backbone", "cache"):
         raise ValueError(f"real.source must be 'backbone' or 'cache', got {config.real.source!r}")
     if config.syn.param not in synsets.PARAMETRISATIONS:
@@ -146,10 +146,21 @@ def _cache_arrays(cache, num_classes: int) -> dict:
 
 
 def _init_images(s: Setup) -> np.ndarray | None:
+    """Initial images [M, res, res, 3] (class-major) or None for noise.
+
+    "real": random real images of each class; "centroid": the real images nearest each class-mean
+    feature (herding for ipc > 1), so the run starts from the strongest real-image baseline and
+    every step has to improve on it.
+    """
     c = s.config
-    if c.syn.init != "real":
+    if c.syn.init == "noise":
         return None
-    idx = data.class_samples(s.train, c.syn.ipc, seed=c.seed).reshape(-1)
+    if c.syn.init == "centroid":
+        from jdd import baselines
+        cache = feature_cache(s, s.train, c.data.train_split)
+        idx = baselines.centroid_indices(cache.view(0), cache.labels, s.train.num_classes, c.syn.ipc)
+    else:
+        idx = data.class_samples(s.train, c.syn.ipc, seed=c.seed).reshape(-1)
     res = c.syn.res
     return data.load_images(s.train, idx, real_res=max(res, round(res * c.data.real_res / c.data.crop_res)),
                             crop_res=res, train=False)

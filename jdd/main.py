@@ -6,6 +6,7 @@ can be overridden with ``--config.a.b=value``; the config is locked, so an unkno
 from __future__ import annotations
 
 import logging
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -26,6 +27,11 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # orbax and tfds log every file operation at INFO through absl; keep the console for progress.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    import jax
+    # Compiled steps are cached on disk, so a resumed or repeated run starts without recompiling.
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir",
+                          os.environ.get("JDD_JAX_CACHE", os.path.expanduser("~/.cache/jdd/jax")))
     from jdd import distill  # after flag parsing, so --help is instant
     distill.run(FLAGS.config, FLAGS.workdir, mode=FLAGS.mode, eval_npz=FLAGS.eval_npz)
 

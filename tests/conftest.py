@@ -12,7 +12,17 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Engine tests build the same small programs many times (a fresh jit per run); a session-wide
+# persistent compilation cache turns those recompilations into cache hits.
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "JDD_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), f"jdd-test-jax-cache-{os.getuid()}")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("JDD_SHARED", REPO.parent / "shared"))

@@ -108,6 +108,18 @@ def test_gradient_accumulation_is_exact(tiny_data, tmp_path, method, source):
     np.testing.assert_allclose(out[2], out[1], rtol=0, atol=2e-5)
 
 
+def test_centroid_init_starts_from_the_centroid_images(tiny_data, tmp_path):
+    from jdd import baselines, data
+    cfg = _load_tiny().get_config(f"data={tiny_data},steps=0,init=centroid")
+    distill.run(cfg, str(tmp_path / "wd"))
+    images, _ = images_of(tmp_path / "wd")
+    s = distill.setup(cfg, str(tmp_path / "wd"))
+    cache = distill.feature_cache(s, s.train, "train")
+    idx = baselines.centroid_indices(cache.view(0), cache.labels, 4, 1)
+    want = data.load_images(s.train, idx, real_res=36, crop_res=32)
+    np.testing.assert_allclose(images, np.clip(want, 1e-3, 1 - 1e-3), atol=1e-4)
+
+
 def test_learned_soft_labels_are_exported(tiny_data, tmp_path):
     distill.run(_load_tiny().get_config(f"data={tiny_data},steps=2,learn_labels=true,method=bptt"), str(tmp_path))
     with np.load(tmp_path / "distilled.npz") as f:

@@ -119,7 +119,7 @@ def test_chunk_length_from_memory_budget():
 def test_features_mode_matches_reference_and_vmapped_seeds_equal_sequential(data):
     _, hard, soft = data
     feats = np.random.default_rng(2).normal(size=(N, D)).astype(np.float32)
-    cfg, key = small_cfg(seeds=3), jax.random.PRNGKey(5)
+    cfg, key = small_cfg(seeds=5), jax.random.PRNGKey(5)
     together = probe.train_linear(key, feats, soft, num_classes=C, cfg=cfg)
     for s in range(cfg.seeds):
         alone = probe.train_linear(key, feats, soft, num_classes=C, cfg=cfg, seed_ids=[s])
@@ -143,7 +143,7 @@ def test_full_mode_unchunked_matches_reference_and_vmapped_seeds_equal_sequentia
 def test_soft_one_hot_labels_equal_hard_labels(data):
     _, hard, _ = data
     feats = np.random.default_rng(3).normal(size=(N, D)).astype(np.float32)
-    cfg, key = small_cfg(seeds=3), jax.random.PRNGKey(0)  # the shapes of the test above: no new compile
+    cfg, key = small_cfg(seeds=5), jax.random.PRNGKey(0)  # the shapes of the test above: no new compile
     a = probe.train_linear(key, feats, hard, num_classes=C, cfg=cfg)
     b = probe.train_linear(key, feats, np.eye(C, dtype=np.float32)[hard], num_classes=C, cfg=cfg)
     np.testing.assert_array_equal(a["w"], b["w"])
@@ -181,13 +181,14 @@ def test_tiny_vit_evaluation_is_reproducible():
     labels = np.arange(8) % 2
     test_feats = probe.embed_images(embed, jnp.asarray(rng.uniform(size=(8, 32, 32, 3)), jnp.float32))
     cfg = small_cfg(epochs=2, chunk_epochs=1)
+    compiled = probe._train._cache_size()
     runs = [probe.evaluate(jax.random.PRNGKey(7), images, labels, probe.embedder(bb.apply, bb.params),
                            test_feats, labels, num_classes=2, cfg=cfg, meta={"backbone": bb.name})
             for _ in range(2)]
     assert runs[0]["top1_per_seed"] == runs[1]["top1_per_seed"]
     assert len(runs[0]["top1_per_seed"]) == 2 and runs[0]["backbone"] == "dinov2:test"
     assert runs[0]["protocol"]["augment"] == ["flip", "rrc"] and runs[0]["protocol"]["chunk_epochs"] == 1
-    assert runs[1]["wall_time_s"] < runs[0]["wall_time_s"]  # a fresh embedder reuses the compilation
+    assert probe._train._cache_size() == compiled + 1  # a fresh, equal embedder reuses the compilation
     fast = probe.evaluate(jax.random.PRNGKey(7), images, labels, embed, test_feats, labels, num_classes=2,
                           cfg=small_cfg(epochs=2, mode="features"))
     assert fast["protocol"]["name"] == "features-only (fast)" and fast["protocol"]["augment"] == []

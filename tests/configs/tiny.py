@@ -4,7 +4,7 @@ from jdd import config as jc
 
 def get_config(arg=None):
     a = jc.parse_arg(arg, data="", method="clp", param="pyramid", source="cache", steps=6, devices=0,
-                     learn_labels=False, evaluate=False, chunks=1)
+                     learn_labels=False, evaluate=False, chunks=1, init="noise")
     c = jc.base_config()
     jc.use_data(c, "", a.data)
     c.backbone.spec = "random:dinov2/test"
@@ -13,6 +13,7 @@ def get_config(arg=None):
     c.syn.res = 32
     c.syn.param = a.param
     c.syn.extent = 2
+    c.syn.init = a.init
     c.syn.learn_labels = a.learn_labels
     c.steps = a.steps
     c.log_every = 2

@@ -1,0 +1,325 @@
+"""Real-image baselines for a distilled set, and the full-dataset ceiling.
+
+Selections return indices into the training split; evaluation reuses `jdd.probe` (same protocol as a
+distilled set). Features are the cached train features (eval preprocessing: resize + centre crop).
+
+- random: `ipc` images per class drawn without replacement; draw d uses `numpy.random.default_rng(d)`
+  (LGM reports seeds 0-4). Reported over draws x probe seeds, and per draw.
+- centroid: as in LGM's `baselines/centroids.py`, the real image whose feature is nearest (Euclidean,
+  raw features) the class-mean feature. For ipc > 1 the default is greedy herding (Welling 2009, as in
+  iCaRL): the k-th pick minimises ||mean_c - mean(picked + x)||, so the picks' mean tracks the class mean
+  (pick 1 is the nearest to the mean); "nearest" takes the ipc images nearest the mean instead, which
+  tend to be near-duplicates.
+- neighbour: for each distilled image, the real image of the same class whose feature is nearest its
+  feature (soft labels: the arg-max class). Two distilled images may share a neighbour; it is kept twice,
+  so the set keeps the distilled set's size and labels.
+- full: multinomial logistic regression on all cached train features, standardised per dimension with
+  the train mean/std (an affine map: still a linear probe of the raw features; it speeds L-BFGS up):
+  full-batch L-BFGS (optax, zoom line search) on mean cross-entropy + l2/2 ||W||^2 (bias free), zero
+  init, until ||grad|| < tol or max_iter; l2 chosen from a grid by top-1 on a stratified held-out 10% of
+  train, then refitted on all of train (the CLIP paper's recipe: L-BFGS logistic regression, its
+  regularisation swept on a validation split).
+  Convex and deterministic, so it has one "seed". LGM's own full-dataset baseline instead trains the Adam
+  head on augmented real images through the backbone; this one is a feature-space ceiling.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jdd import probe
+
+
+# ----------------------------------------------------------------------------------------- selections
+
+def _class_members(train_labels, num_classes: int, ipc: int) -> list[np.ndarray]:
+    labels = np.asarray(train_labels)
+    members = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    small = [(c, len(m)) for c, m in enumerate(members) if len(m) < ipc]
+    if small:
+        listed = ", ".join(f"class {c} has {k}" for c, k in small[:5]) + (", ..." if len(small) > 5 else "")
+        raise ValueError(f"ipc={ipc} is more than some classes hold ({listed}); lower ipc")
+    return members
+
+
+def random_indices(train_labels, num_classes: int, ipc: int, seed: int) -> np.ndarray:
+    """int [C*ipc]: ipc random images of each class (class-major order), without replacement."""
+    rng = np.random.default_rng(seed)
+    members = _class_members(train_labels, num_classes, ipc)
+    return np.concatenate([rng.choice(m, ipc, replace=False) for m in members]).astype(np.int64)
+
+
+def centroid_indices(train_feats, train_labels, num_classes: int, ipc: int,
+                     method: str = "herding") -> np.ndarray:
+    """int [C*ipc]: per class, the images nearest its mean feature ("nearest") or herded ("herding")."""
+    if method not in ("herding", "nearest"):
+        raise ValueError(f"centroid method {method!r} is unknown; use 'herding' or 'nearest'")
+    feats = np.asarray(train_feats, np.float64)
+    out = []
+    for m in _class_members(train_labels, num_classes, ipc):
+        x = feats[m]
+        mu = x.mean(0)
+        if method == "nearest":
+            out.append(m[np.argsort(np.linalg.norm(x - mu, axis=1), kind="stable")[:ipc]])
+            continue
+        picked, total = [], np.zeros_like(mu)
+        free = np.ones(len(m), bool)
+        for k in range(1, ipc + 1):
+            dist = np.linalg.norm(mu - (total + x) / k, axis=1)
+            dist[~free] = np.inf
+            i = int(np.argmin(dist))
+            picked.append(i)
+            free[i] = False
+            total += x[i]
+        out.append(m[np.array(picked)])
+    return np.concatenate(out).astype(np.int64)
+
+
+def neighbour_indices(train_feats, train_labels, query_feats, query_labels) -> np.ndarray:
+    """int [M]: for each query, the training image of the same class with the nearest feature."""
+    feats = np.asarray(train_feats, np.float64)
+    labels = np.asarray(train_labels)
+    q = np.asarray(query_feats, np.float64)
+    ql = np.asarray(query_labels)
+    if ql.ndim == 2:
+        ql = ql.argmax(1)
+    if q.ndim != 2 or q.shape[1] != feats.shape[1] or len(ql) != len(q):
+        raise ValueError(f"query features {q.shape} / labels {ql.shape} do not match train features "
+                         f"[N, {feats.shape[1]}]")
+    out = np.empty(len(q), np.int64)
+    for c in np.unique(ql):
+        m = np.flatnonzero(labels == c)
+        if len(m) == 0:
+            raise ValueError(f"class {c} has distilled images but no training images")
+        rows = np.flatnonzero(ql == c)
+        x = feats[m]
+        d2 = (q[rows] ** 2).sum(1)[:, None] - 2.0 * q[rows] @ x.T + (x ** 2).sum(1)[None]
+        out[rows] = m[np.argmin(d2, axis=1)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------- full dataset
+
+def full_probe_config() -> ml_collections.ConfigDict:
+    """Settings of the full-dataset logistic-regression ceiling (locked)."""
+    c = ml_collections.ConfigDict()
+    c.l2_grid = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    c.val_fraction = 0.1         # stratified held-out slice of train used to pick l2
+    c.max_iter = 1000
+    c.tol = 1e-5                 # stop when ||grad|| < tol
+    c.memory_size = 10
+    c.chunk = 65536              # rows per loss chunk (bounds the [rows, C] logits in memory)
+    c.eval_batch = 8192
+    c.lock()
+    return c
+
+
+def _norm(tree):
+    return jnp.sqrt(sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(tree)))
+
+
+def _objective(params, xs, ys, n, l2, num_classes):
+    """Mean CE over the n real rows of chunks xs [K, B, D] / ys [K, B] (-1 = padding) + l2/2 ||W||^2."""
+    @jax.checkpoint  # keeps only the chunk inputs for the backward pass, not its logits
+    def chunk(a):
+        x, y = a
+        logp = jax.nn.log_softmax(x @ params["w"] + params["b"])
+        return -jnp.sum(jax.nn.one_hot(y, num_classes) * logp)
+    total = jnp.sum(jax.lax.map(chunk, (xs, ys)))
+    return total / n + 0.5 * l2 * jnp.sum(params["w"] ** 2)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "max_iter", "memory_size", "chunk"))
+def _fit_lbfgs(feats, labels, l2s, tol, *, num_classes, max_iter, memory_size, chunk):
+    """L-BFGS fits for each l2 in l2s [G] (vmapped): params {"w": [G, D, C], "b": [G, C]}, iters, |grad|."""
+    n, d = feats.shape
+    m = min(chunk, n)
+    pad = (-n) % m
+    xs = jnp.concatenate([feats, jnp.zeros((pad, d), feats.dtype)]).reshape(-1, m, d)
+    ys = jnp.concatenate([labels, jnp.full((pad,), -1, labels.dtype)]).reshape(-1, m)
+    solver = optax.lbfgs(memory_size=memory_size)
+
+    def fit(l2):
+        f = functools.partial(_objective, xs=xs, ys=ys, n=n, l2=l2, num_classes=num_classes)
+        value_and_grad = optax.value_and_grad_from_state(f)
+
+        def body(carry):
+            params, state = carry
+            value, grad = value_and_grad(params, state=state)
+            upd, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=f)
+            return optax.apply_updates(params, upd), state
+
+        def cond(carry):
+            _, state = carry
+            it = optax.tree_utils.tree_get(state, "count")
+            gnorm = _norm(optax.tree_utils.tree_get(state, "grad"))
+            return (it == 0) | ((it < max_iter) & (gnorm >= tol))
+
+        p0 = {"w": jnp.zeros((d, num_classes), jnp.float32), "b": jnp.zeros((num_classes,), jnp.float32)}
+        params, state = jax.lax.while_loop(cond, body, (p0, solver.init(p0)))
+        gnorm = _norm(jax.grad(f)(params))
+        return params, optax.tree_utils.tree_get(state, "count"), gnorm
+
+    return jax.vmap(fit)(l2s)
+
+
+def _stratified_split(labels, fraction: float, seed: int):
+    """(fit indices, held-out indices): round(fraction * n_c) of each class held out (>= 1 if n_c >= 2)."""
+    rng = np.random.default_rng(seed)
+    fit, held = [], []
+    for c in np.unique(labels):
+        m = rng.permutation(np.flatnonzero(labels == c))
+        k = min(len(m) - 1, max(1, int(round(fraction * len(m))))) if len(m) >= 2 else 0
+        held.append(m[:k])
+        fit.append(m[k:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
+
+
+def full_dataset_probe(key, train_feats, train_labels, test_feats, test_labels, *, num_classes: int,
+                       cfg: ml_collections.ConfigDict | None = None, meta: dict | None = None) -> dict:
+    """The ceiling: logistic regression on all train features, l2 picked on a held-out slice (see doc)."""
+    cfg = full_probe_config() if cfg is None else cfg
+    t0 = time.perf_counter()
+    feats = jnp.asarray(train_feats, jnp.float32)
+    labels = np.asarray(train_labels).astype(np.int32)
+    if feats.ndim != 2 or len(labels) != feats.shape[0]:
+        raise ValueError(f"train features {feats.shape} and labels {labels.shape} do not match")
+    probe._check_test(test_feats, test_labels, feats.shape[1], num_classes)
+    kw = dict(num_classes=num_classes, max_iter=cfg.max_iter, memory_size=cfg.memory_size, chunk=cfg.chunk)
+    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+    fit_idx, held_idx = _stratified_split(labels, cfg.val_fraction, seed)
+    # Standardised with train statistics: an affine map, so still a linear probe of the raw features, and
+    # L-BFGS converges several times faster (on DINOv2-S Imagenette features: 136 vs 925 iterations).
+    mu, sd = jnp.mean(feats, 0), jnp.maximum(jnp.std(feats, 0), 1e-6)
+    feats = (feats - mu) / sd
+    grid = jnp.asarray(cfg.l2_grid, jnp.float32)
+    params, iters, gnorm = _fit_lbfgs(feats[fit_idx], jnp.asarray(labels[fit_idx]), grid, cfg.tol, **kw)
+    val = np.asarray(probe.accuracy(params, feats[held_idx], jnp.asarray(labels[held_idx]),
+                                    batch=cfg.eval_batch), np.float64)
+    best = int(np.flatnonzero(val == val.max())[-1])  # ties -> the larger l2 (grid is ascending)
+    params, it, gn = _fit_lbfgs(feats, jnp.asarray(labels), grid[best:best + 1], cfg.tol, **kw)
+    top1 = probe.accuracy(params, (jnp.asarray(test_feats, jnp.float32) - mu) / sd, jnp.asarray(test_labels),
+                          batch=cfg.eval_batch)
+    proto = {
+        "name": "full-dataset logistic regression (L-BFGS on cached train features, no augmentation)",
+        "mode": "features", "features": "standardised per dimension with the train mean and std",
+        "objective": "mean cross-entropy + l2/2 ||W||^2 (bias unregularised)",
+        "optimizer": f"optax.lbfgs(memory_size={cfg.memory_size}), zoom line search, zero init",
+        "max_iter": cfg.max_iter, "tol": cfg.tol, "l2_grid": list(cfg.l2_grid),
+        "val_fraction": cfg.val_fraction, "val_top1_per_l2": [round(100 * float(v), 4) for v in val],
+        "grid_iterations": np.asarray(iters).tolist(), "selected_l2": float(cfg.l2_grid[best]),
+        "selected_at_grid_edge": best in (0, len(cfg.l2_grid) - 1),
+        "iterations": int(np.asarray(it)[0]), "final_grad_norm": float(np.asarray(gn)[0]),
+        "train_size": int(len(labels)), "seeds": 1, "std": "deterministic (convex, full batch): one run",
+        "metric": "top-1 (%) on the whole test split",
+    }
+    return probe._result(top1, proto, t0, meta)
+
+
+# ----------------------------------------------------------------------------------------- running
+
+def pool_draws(results: list[dict]) -> dict:
+    """Several result dicts (e.g. random draws) -> mean/std over all their seeds, plus per-draw entries."""
+    vals = np.array([v for r in results for v in r["top1_per_seed"]], np.float64)
+    return {"top1_mean": float(vals.mean()), "top1_std": float(vals.std()),
+            "top1_per_seed": [float(v) for v in vals], "protocol": results[0]["protocol"],
+            "wall_time_s": float(sum(r["wall_time_s"] for r in results)),
+            "per_draw": [{k: r[k] for k in ("top1_mean", "top1_std", "top1_per_seed", "wall_time_s", "indices")}
+                         for r in results]}
+
+
+def run_baselines(key, *, train_feats, train_labels, test_feats, test_labels, num_classes: int, ipc: int,
+                  probe_cfg: ml_collections.ConfigDict, embed_fn: Callable | None = None,
+                  load_images: Callable | None = None, distilled_feats=None, distilled_labels=None,
+                  methods: tuple[str, ...] | None = None, draws: int = 5, centroid_method: str = "herding",
+                  full_cfg: ml_collections.ConfigDict | None = None, meta: dict | None = None) -> dict:
+    """Evaluates the baselines with the probe protocol; returns {name: result dict}.
+
+    Names: "random" (pooled over `draws` draws, "per_draw" inside), "centroid", "neighbour" (only with
+    distilled_feats [M, D] / distilled_labels, the distilled images' features with eval preprocessing),
+    "full". probe_cfg.mode == "features" trains on the cached features of the selected images; "full"
+    needs embed_fn and load_images(indices int [K]) -> images [K, H, W, 3] in [0, 1] at probe resolution.
+    All image sets share one probe key (paired comparison: same inits and batch orders).
+    """
+    known = ("random", "centroid", "neighbour", "full")
+    if methods is None:
+        methods = tuple(m for m in known if m != "neighbour" or distilled_feats is not None)
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; choose from {known}")
+    if "neighbour" in methods and distilled_feats is None:
+        raise ValueError("the neighbour baseline needs distilled_feats and distilled_labels")
+    if probe_cfg.mode == "full" and (embed_fn is None or load_images is None) and set(methods) - {"full"}:
+        raise ValueError("probe mode 'full' needs embed_fn and load_images; or set probe_cfg.mode='features'")
+    train_labels = np.asarray(train_labels)
+    probe_key, full_key = jax.random.split(key)
+
+    def run(idx, selection):
+        labels = train_labels[idx]
+        if probe_cfg.mode == "features":
+            res = probe.evaluate_features(probe_key, jnp.asarray(train_feats)[idx], labels, test_feats,
+                                          test_labels, num_classes=num_classes, cfg=probe_cfg, meta=meta)
+        else:
+            res = probe.evaluate(probe_key, load_images(idx), labels, embed_fn, test_feats, test_labels,
+                                 num_classes=num_classes, cfg=probe_cfg, meta=meta)
+        res.update(selection=selection, indices=[int(i) for i in idx])
+        return res
+
+    out = {}
+    if "random" in methods:
+        res = [run(random_indices(train_labels, num_classes, ipc, d), f"random, numpy seed {d}")
+               for d in range(draws)]
+        out["random"] = {**pool_draws(res), **(meta or {}),
+                         "selection": f"random, {ipc} per class, {draws} draws (numpy seeds 0..{draws - 1}); "
+                                      "mean/std over draws x seeds"}
+    if "centroid" in methods:
+        idx = centroid_indices(train_feats, train_labels, num_classes, ipc, centroid_method)
+        out["centroid"] = run(idx, f"class centroid ({centroid_method}), {ipc} per class")
+    if "neighbour" in methods:
+        idx = neighbour_indices(train_feats, train_labels, distilled_feats, distilled_labels)
+        out["neighbour"] = run(idx, "nearest real image (same class) of each distilled image")
+    if "full" in methods:
+        out["full"] = full_dataset_probe(full_key, train_feats, train_labels, test_feats, test_labels,
+                                         num_classes=num_classes, cfg=full_cfg, meta=meta)
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return _jsonable(np.asarray(x).tolist())
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def write_results(path_dir, results: dict, meta: dict | None = None) -> tuple[str, str]:
+    """Writes {name: result dict} to path_dir/results.json and a markdown table results.md; returns paths."""
+    os.makedirs(path_dir, exist_ok=True)
+    jpath, mpath = os.path.join(path_dir, "results.json"), os.path.join(path_dir, "results.md")
+    with open(jpath, "w") as f:
+        json.dump(_jsonable({"meta": meta or {}, "results": results}), f, indent=1)
+    lines = [f"- {k}: {v}" for k, v in (meta or {}).items()]
+    lines += [""] if lines else []
+    lines += ["| method | top-1 (%) | std | runs | per seed | backbone | protocol | wall (s) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        seeds = r["top1_per_seed"]
+        shown = ", ".join(f"{v:.2f}" for v in seeds[:10]) + (", ..." if len(seeds) > 10 else "")
+        lines.append(f"| {name} | {r['top1_mean']:.2f} | {r['top1_std']:.2f} | {len(seeds)} | {shown} | "
+                     f"{r.get('backbone', '')} | {r['protocol'].get('name', '')} | {r['wall_time_s']:.1f} |")
+    with open(mpath, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return jpath, mpath

@@ -1,0 +1,436 @@
+"""Linear-probe evaluation of a (distilled) image set on a frozen encoder.
+
+The protocol is the one of the LGM paper's evaluation code (GeorgeCazenavette/linear-gradient-matching,
+`src/distillation/eval.py` and `models.get_fc`):
+
+- a fresh linear head, W ~ N(0, 0.01^2) and b = 0 (DINO's `LinearClassifier(dim, num_labels)`);
+- Adam (0.9, 0.999, eps 1e-8), no weight decay, lr = 1e-3 * batch / 256 with batch = min(100, N),
+  shuffled mini-batches, the last one of an epoch partial (PyTorch `DataLoader`, `drop_last=False`);
+- cosine annealing to 0 over the epochs, stepped once per epoch (`CosineAnnealingLR(T_max=epochs)`);
+- each epoch every image gets a horizontal flip and a random resized crop (scale 0.08-1) and goes through
+  the frozen backbone; cross-entropy against hard labels or against soft label distributions;
+- top-1 on the whole test split after the last epoch; mean and population std (`np.std`) over 5 seeds.
+  (The original can also test every `eval_it` epochs and keep the best test top-1 with a patience; a
+  fork's copy of its defaults, eval_it=-1, tests only after the last epoch, as here. The original runs
+  under fp16 autocast; here everything is float32.)
+
+Speed: the backbone is frozen, so the features of the augmented views do not depend on the probe. For a
+chunk of epochs the features of all seeds x epochs x images are computed first, in micro-batches of
+`embed_batch` views, and then `lax.scan` runs the Adam steps of that chunk on them; chunks are a
+`lax.scan` too, so one evaluation is one compiled program with no host sync. The chunk length is the
+largest divisor of `epochs` whose features fit in `chunk_budget_mb`. Seeds are `vmap`ped.
+
+Randomness is derived: seed s -> `fold_in(key, s)` -> (init key, run key); epoch e -> `fold_in(run key, e)`
+-> (permutation key, augmentation key); image i of that epoch -> `fold_in(augmentation key, i)`. A view's
+key therefore does not depend on chunking or batching, so chunked and per-step training see the same views
+and batches (equal up to float rounding; tests/test_probe.py checks against a per-step PyTorch loop).
+
+Functions passed in (`embed_fn`, `augment_fn`) should be `jax.tree_util.Partial`s when they carry arrays
+(e.g. `embedder(bb.apply, params)`): their arrays are then traced arguments of the compiled program rather
+than constants baked into it, and repeated evaluations with the same functions reuse one compilation.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.tree_util import Partial
+
+PROTOCOL_FULL = "LGM linear probe (augmented views through the frozen backbone)"
+PROTOCOL_FEATURES = "features-only (fast)"
+MODES = ("full", "features")
+
+
+def probe_config() -> ml_collections.ConfigDict:
+    """Default (LGM) probe settings, locked: unknown keys are an error."""
+    c = ml_collections.ConfigDict()
+    c.mode = "full"              # "full": augmented views each epoch; "features": one fixed feature per image
+    c.epochs = 1000
+    c.seeds = 5
+    c.lr_base = 1e-3             # lr = lr_base * batch / lr_batch_ref (linear scaling rule)
+    c.lr_batch_ref = 256
+    c.batch_max = 100            # batch = min(batch_max, N)
+    c.init_std = 0.01            # W ~ N(0, init_std^2), b = 0; 0.0 gives a zero init
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    c.flip = True
+    c.rrc = True
+    c.rrc_scale = (0.08, 1.0)
+    c.rrc_ratio = (3 / 4, 4 / 3)
+    c.out_res = ml_collections.config_dict.placeholder(int)  # crop output size; None keeps the input size
+    c.chunk_budget_mb = 1024     # memory for the augmented features of one chunk of epochs (all seeds)
+    c.chunk_epochs = 0           # 0: chosen from chunk_budget_mb; else must divide epochs
+    c.embed_batch = 256          # views per backbone call
+    c.eval_batch = 8192          # test features per accuracy batch
+    c.lock()
+    return c
+
+
+class Hyper(NamedTuple):
+    """The static (hashable) numbers one compiled probe run depends on."""
+    epochs: int
+    batch: int
+    steps: int                   # steps per epoch = ceil(N / batch)
+    lr0: float
+    init_std: float
+    b1: float
+    b2: float
+    eps: float
+    chunk_epochs: int
+    embed_batch: int
+
+
+# ----------------------------------------------------------------------------------------- randomness
+
+def seed_keys(key, seed_id):
+    """(init key, run key) of seed `seed_id`."""
+    k = jax.random.split(jax.random.fold_in(key, seed_id))
+    return k[0], k[1]
+
+
+def epoch_keys(run_key, epoch):
+    """(permutation key, augmentation key) of one epoch of one seed."""
+    k = jax.random.split(jax.random.fold_in(run_key, epoch))
+    return k[0], k[1]
+
+
+def view_keys(aug_key, n: int):
+    """[n, 2] keys, one per image, for the augmented views of one epoch."""
+    return jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(jnp.arange(n))
+
+
+def init_probe(init_key, dim: int, num_classes: int, std: float) -> dict:
+    """A fresh head {"w": [D, C] ~ N(0, std^2), "b": [C] = 0}."""
+    return {"w": std * jax.random.normal(init_key, (dim, num_classes), jnp.float32),
+            "b": jnp.zeros((num_classes,), jnp.float32)}
+
+
+def lr_schedule(hp: Hyper):
+    """[epochs] learning rate of each epoch: cosine from lr0 to 0, stepped per epoch."""
+    e = jnp.arange(hp.epochs, dtype=jnp.float32)
+    return hp.lr0 * 0.5 * (1.0 + jnp.cos(jnp.pi * e / hp.epochs))
+
+
+# ----------------------------------------------------------------------------------------- training core
+
+def _loss(params, x, y, mask):
+    """Mean over valid rows of the cross-entropy of softmax(x W + b) against distributions y [B, C]."""
+    logp = jax.nn.log_softmax(x @ params["w"] + params["b"])
+    ce = -jnp.sum(y * logp, axis=-1)
+    return jnp.sum(ce * mask) / jnp.sum(mask)
+
+
+def _epoch(params, opt, feats, y, perm_key, lr, hp: Hyper):
+    """One epoch for one seed: shuffled batches (last one partial, masked), one Adam step each."""
+    n = y.shape[0]
+    adam = optax.scale_by_adam(hp.b1, hp.b2, hp.eps)
+    pad = hp.steps * hp.batch - n
+    perm = jax.random.permutation(perm_key, n)
+    idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(hp.steps, hp.batch)
+    mask = jnp.concatenate([jnp.ones((n,)), jnp.zeros((pad,))]).reshape(hp.steps, hp.batch)
+
+    def step(carry, xs):
+        params, opt = carry
+        i, m = xs
+        grads = jax.grad(_loss)(params, feats[i], y[i], m)
+        upd, opt = adam.update(grads, opt)
+        return (jax.tree.map(lambda p, u: p - lr * u, params, upd), opt), None
+
+    (params, opt), _ = jax.lax.scan(step, (params, opt), (idx, mask))
+    return params, opt
+
+
+def _chunk_features(source, vkeys, n: int, embed_batch: int):
+    """Features [P, T, N, D] of the views keyed by vkeys [P, T, N, 2], `embed_batch` views at a time."""
+    lead = vkeys.shape[:-2]
+    v = math.prod(lead) * n
+    m = min(embed_batch, v)
+    pad = (-v) % m
+    keys = jnp.concatenate([vkeys.reshape(v, -1), jnp.zeros((pad, vkeys.shape[-1]), vkeys.dtype)])
+    idx = jnp.concatenate([jnp.arange(v) % n, jnp.zeros((pad,), jnp.int32)]).astype(jnp.int32)
+    feats = jax.lax.map(lambda a: source(a[0], a[1]).astype(jnp.float32),
+                        (keys.reshape(-1, m, keys.shape[-1]), idx.reshape(-1, m)))
+    return feats.reshape(-1, feats.shape[-1])[:v].reshape(*lead, n, feats.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("hp",))
+def _train(key, seed_ids, source, y, hp: Hyper):
+    n, c = y.shape
+    full = callable(source)
+    if full:
+        d = jax.eval_shape(source, jnp.zeros((1, 2), jnp.uint32), jnp.zeros((1,), jnp.int32)).shape[-1]
+    else:
+        d = source.shape[-1]
+    adam = optax.scale_by_adam(hp.b1, hp.b2, hp.eps)
+
+    def init_one(sid):
+        init_key, run_key = seed_keys(key, sid)
+        params = init_probe(init_key, d, c, hp.init_std)
+        return params, adam.init(params), run_key
+
+    params, opt, run_keys = jax.vmap(init_one)(seed_ids)
+    lrs = lr_schedule(hp)
+    t = hp.chunk_epochs if full else hp.epochs
+
+    def run_chunk(carry, ci):
+        epochs = ci * t + jnp.arange(t)
+        both = jax.vmap(lambda rk: jax.vmap(lambda e: epoch_keys(rk, e))(epochs))(run_keys)
+        perm_keys, aug_keys = both                                     # [P, T, 2] each
+        lr_t = jax.lax.dynamic_slice(lrs, (ci * t,), (t,))
+        if full:
+            vkeys = jax.vmap(jax.vmap(lambda k: view_keys(k, n)))(aug_keys)
+            feats = _chunk_features(source, vkeys, n, hp.embed_batch)  # [P, T, N, D]
+        else:
+            feats = None
+
+        def one_seed(params, opt, feats_s, perm_keys_s):
+            def one_epoch(carry, xs):
+                f, pk, lr = xs
+                return _epoch(*carry, source if f is None else f, y, pk, lr, hp), None
+            return jax.lax.scan(one_epoch, (params, opt), (feats_s, perm_keys_s, lr_t))[0]
+
+        return jax.vmap(one_seed)(*carry, feats, perm_keys), None
+
+    (params, _), _ = jax.lax.scan(run_chunk, (params, opt), jnp.arange(hp.epochs // t))
+    return params
+
+
+def train_linear(key, feats_or_fn, labels, *, num_classes: int, cfg, seed_ids=None) -> dict:
+    """Trains `len(seed_ids)` linear heads at once (vmap) with the probe protocol; returns their params.
+
+    feats_or_fn: features [N, D] (features-only: the same feature of an image every epoch), or a
+      function `(view_keys [M, 2], image_idx [M]) -> [M, D]` giving the features of the views of images
+      `image_idx` augmented with `view_keys` (preferably a `jax.tree_util.Partial`, see module doc).
+    labels: int [N] or probabilities [N, C].  seed_ids: ints (default range(cfg.seeds)).
+    Returns {"w": [S, D, C], "b": [S, C]}.
+    """
+    y = _label_distributions(labels, num_classes)
+    seed_ids = jnp.arange(cfg.seeds) if seed_ids is None else jnp.asarray(seed_ids, jnp.int32).reshape(-1)
+    if callable(feats_or_fn):
+        source = feats_or_fn if isinstance(feats_or_fn, Partial) else Partial(feats_or_fn)
+        dim = jax.eval_shape(source, jnp.zeros((1, 2), jnp.uint32), jnp.zeros((1,), jnp.int32)).shape[-1]
+    else:
+        source = jnp.asarray(feats_or_fn, jnp.float32)
+        if source.ndim != 2 or source.shape[0] != y.shape[0]:
+            raise ValueError(f"features have shape {source.shape}, expected [N={y.shape[0]}, D]")
+        dim = source.shape[1]
+    hp = make_hyper(cfg, y.shape[0], dim, len(seed_ids), callable(feats_or_fn))
+    return _train(key, seed_ids, source, y, hp)
+
+
+def make_hyper(cfg, n: int, dim: int, num_seeds: int, full: bool) -> Hyper:
+    """Static settings for N training images of D-dim features; validates cfg."""
+    if cfg.epochs < 1 or cfg.seeds < 1 or cfg.batch_max < 1:
+        raise ValueError(f"epochs, seeds and batch_max must be >= 1, got {cfg.epochs}, {cfg.seeds}, "
+                         f"{cfg.batch_max}")
+    batch = min(cfg.batch_max, n)
+    t = cfg.epochs
+    if full:
+        per_epoch = num_seeds * n * dim * 4
+        t_max = max(1, int(cfg.chunk_budget_mb * 2**20 // per_epoch))
+        t = max(d for d in range(1, cfg.epochs + 1) if cfg.epochs % d == 0 and d <= t_max)
+        if cfg.chunk_epochs:
+            if cfg.epochs % cfg.chunk_epochs:
+                raise ValueError(f"chunk_epochs={cfg.chunk_epochs} must divide epochs={cfg.epochs}; "
+                                 "set it to a divisor or to 0 (automatic)")
+            t = cfg.chunk_epochs
+    return Hyper(epochs=cfg.epochs, batch=batch, steps=-(-n // batch),
+                 lr0=cfg.lr_base * batch / cfg.lr_batch_ref, init_std=cfg.init_std, b1=cfg.adam_b1,
+                 b2=cfg.adam_b2, eps=cfg.adam_eps, chunk_epochs=t, embed_batch=cfg.embed_batch)
+
+
+def _label_distributions(labels, num_classes: int):
+    """Hard int [N] labels -> one-hot [N, C]; soft [N, C] probabilities are checked and kept."""
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"1-D labels must be integers, got {labels.dtype}; soft labels are [N, C]")
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+        return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if labels.ndim != 2 or labels.shape[1] != num_classes:
+        raise ValueError(f"soft labels must be [N, num_classes={num_classes}], got {labels.shape}")
+    if labels.min() < 0 or not np.allclose(labels.sum(1), 1.0, atol=1e-3):
+        raise ValueError("soft labels must be probabilities (non-negative rows summing to 1); "
+                         "apply jax.nn.softmax to logits first")
+    return jnp.asarray(labels, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+@functools.partial(jax.jit, static_argnames=("batch",))
+def accuracy(params, feats, labels, batch: int = 8192):
+    """Top-1 accuracy (fraction) of each head: params {"w": [S, D, C], "b": [S, C]} (or unbatched) -> [S]."""
+    w, b = params["w"], params["b"]
+    if w.ndim == 2:
+        w, b = w[None], b[None]
+    n = feats.shape[0]
+    m = min(batch, n)
+    pad = (-n) % m
+    f = jnp.concatenate([feats.astype(jnp.float32), jnp.zeros((pad, feats.shape[1]), jnp.float32)])
+    lab = jnp.concatenate([labels.astype(jnp.int32), jnp.full((pad,), -1, jnp.int32)])
+
+    def count(xs):
+        fx, lx = xs
+        pred = jnp.argmax(jnp.einsum("nd,sdc->snc", fx, w) + b[:, None], axis=-1)
+        return jnp.sum(pred == lx[None], axis=1)
+
+    counts = jax.lax.map(count, (f.reshape(-1, m, f.shape[1]), lab.reshape(-1, m)))
+    return jnp.sum(counts, axis=0) / n
+
+
+def _augment_embed(augment_fn, embed_fn, images, keys, idx):
+    """Features [M, D] of images[idx] augmented with keys [M, 2]."""
+    x = jax.vmap(augment_fn)(keys, images[idx])
+    return embed_fn(x)
+
+
+def _augment_one(key, image, *, ops, out_res, rrc_scale, rrc_ratio):
+    from jdd import augment  # imported lazily: probe.py only needs it for the full protocol
+    return augment.augment(key, image[None], ops=ops, out_res=out_res, rrc_scale=rrc_scale,
+                           rrc_ratio=rrc_ratio)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _default_augment(ops, out_res, rrc_scale, rrc_ratio):
+    # cached so that equal settings give the same function object (one compilation)
+    return Partial(functools.partial(_augment_one, ops=ops, out_res=out_res, rrc_scale=rrc_scale,
+                                     rrc_ratio=rrc_ratio))
+
+
+def default_augment_fn(cfg):
+    """`(key, image [H, W, 3]) -> image` applying the configured flip / random resized crop (jdd.augment)."""
+    ops = tuple(op for op, on in (("flip", cfg.flip), ("rrc", cfg.rrc)) if on)
+    return _default_augment(ops, cfg.out_res, tuple(cfg.rrc_scale), tuple(cfg.rrc_ratio))
+
+
+class _Feature:
+    """images -> apply_fn(params, images)[feature]; equal when apply_fn and feature are (so jit reuses)."""
+
+    def __init__(self, apply_fn, feature: str):
+        self.apply_fn, self.feature = apply_fn, feature
+
+    def __call__(self, params, images):
+        return self.apply_fn(params, images)[self.feature]
+
+    def __eq__(self, other):
+        return isinstance(other, _Feature) and (other.apply_fn, other.feature) == (self.apply_fn, self.feature)
+
+    def __hash__(self):
+        return hash((self.apply_fn, self.feature))
+
+
+def embedder(apply_fn, params, feature: str = "embedding"):
+    """embed_fn for a backbone: images -> apply_fn(params, images)[feature], params traced (a Partial)."""
+    return Partial(_Feature(apply_fn, feature), params)
+
+
+def protocol(cfg, hp: Hyper, labels, *, mode: str, augment: bool) -> dict:
+    """The settings a result was obtained with, for results files."""
+    ops = [op for op, on in (("flip", cfg.flip), ("rrc", cfg.rrc)) if on] if augment else []
+    return {
+        "name": PROTOCOL_FULL if mode == "full" else PROTOCOL_FEATURES,
+        "mode": mode, "epochs": hp.epochs, "seeds": cfg.seeds, "batch": hp.batch,
+        "steps_per_epoch": hp.steps, "lr": hp.lr0,
+        "lr_rule": f"{cfg.lr_base} * batch / {cfg.lr_batch_ref}, cosine to 0 stepped per epoch",
+        "optimizer": f"Adam({hp.b1}, {hp.b2}, eps={hp.eps}), no weight decay",
+        "init": f"W ~ N(0, {hp.init_std}^2), b = 0",
+        "augment": ops, "rrc_scale": list(cfg.rrc_scale) if "rrc" in ops else None,
+        "rrc_ratio": list(cfg.rrc_ratio) if "rrc" in ops else None, "out_res": cfg.out_res,
+        "labels": "soft" if np.ndim(labels) == 2 else "hard",
+        "chunk_epochs": hp.chunk_epochs if mode == "full" else None,
+        "std": "population std (ddof=0) over seeds", "metric": "top-1 (%) on the whole test split, last epoch",
+    }
+
+
+def _result(top1, proto, t0, meta) -> dict:
+    # float32 fractions -> percent, rounded below the resolution of any test split (1e-4 %)
+    top1 = np.round(100.0 * np.asarray(jax.device_get(top1), np.float64), 4)
+    out = {"top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
+           "top1_per_seed": [float(v) for v in top1], "protocol": proto,
+           "wall_time_s": time.perf_counter() - t0}
+    out.update(meta or {})
+    return out
+
+
+def _check_test(test_feats, test_labels, dim, num_classes):
+    if test_feats.ndim != 2 or test_feats.shape[1] != dim:
+        raise ValueError(f"test features have shape {tuple(test_feats.shape)}, expected [M, {dim}] "
+                         "(the backbone's embedding size)")
+    if np.ndim(test_labels) != 1 or len(test_labels) != test_feats.shape[0]:
+        raise ValueError(f"test labels must be int [M={test_feats.shape[0]}], got {np.shape(test_labels)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+
+
+def evaluate_features(key, feats, labels, test_feats, test_labels, *, num_classes: int, cfg,
+                      meta: dict | None = None) -> dict:
+    """Fast mode: probe trained on one fixed feature per image (no augmentation), labelled as such.
+
+    feats [N, D]; labels int [N] or probabilities [N, C]; test_feats [M, D]; test_labels int [M].
+    """
+    t0 = time.perf_counter()
+    feats = jnp.asarray(feats, jnp.float32)
+    _check_test(test_feats, test_labels, feats.shape[-1], num_classes)
+    params = train_linear(key, feats, labels, num_classes=num_classes, cfg=cfg)
+    top1 = accuracy(params, jnp.asarray(test_feats), jnp.asarray(test_labels), batch=cfg.eval_batch)
+    hp = make_hyper(cfg, feats.shape[0], feats.shape[1], cfg.seeds, full=False)
+    return _result(top1, protocol(cfg, hp, labels, mode="features", augment=False), t0, meta)
+
+
+@functools.partial(jax.jit, static_argnames=("batch",))
+def embed_images(embed_fn, images, batch: int = 256):
+    """Features [N, D] of un-augmented images [N, H, W, 3], `batch` at a time."""
+    n = images.shape[0]
+    m = min(batch, n)
+    pad = (-n) % m
+    x = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
+    f = jax.lax.map(lambda b: embed_fn(b).astype(jnp.float32), x.reshape(-1, m, *images.shape[1:]))
+    return f.reshape(-1, f.shape[-1])[:n]
+
+
+def evaluate(key, images, labels, embed_fn: Callable, test_feats, test_labels, *, num_classes: int, cfg,
+             augment_fn: Callable | None = None, meta: dict | None = None) -> dict:
+    """Probe protocol on an image set; returns top1_mean/top1_std (%), top1_per_seed, protocol, wall_time_s.
+
+    images [N, H, W, 3] in [0, 1]; labels int [N] or probabilities [N, C]; embed_fn: images [B, H', W', 3]
+    -> [B, D] (frozen backbone, preferably `embedder(...)`); test_feats [M, D] from the same backbone with
+    eval preprocessing; test_labels int [M]. augment_fn `(key, image) -> image` defaults to
+    `default_augment_fn(cfg)`. cfg.mode == "features" embeds each image once and trains on those features.
+    """
+    if cfg.mode not in MODES:
+        raise ValueError(f"probe mode {cfg.mode!r} is unknown; use one of {MODES}")
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [N, H, W, 3] in [0, 1], got shape {tuple(images.shape)}")
+    if np.shape(labels)[0] != images.shape[0]:
+        raise ValueError(f"{np.shape(labels)[0]} labels for {images.shape[0]} images")
+    embed_fn = embed_fn if isinstance(embed_fn, Partial) else Partial(embed_fn)
+    out = jax.eval_shape(embed_fn, images[:1])
+    if len(out.shape) != 2:
+        raise ValueError(f"embed_fn must return [B, D] features, got shape {out.shape}")
+    _check_test(test_feats, test_labels, out.shape[1], num_classes)
+    if cfg.mode == "features":
+        t0 = time.perf_counter()
+        feats = embed_images(embed_fn, images, batch=cfg.embed_batch)
+        res = evaluate_features(key, feats, labels, test_feats, test_labels, num_classes=num_classes,
+                                cfg=cfg, meta=meta)
+        res["wall_time_s"] = time.perf_counter() - t0
+        return res
+    t0 = time.perf_counter()
+    augment_fn = default_augment_fn(cfg) if augment_fn is None else augment_fn
+    augment_fn = augment_fn if isinstance(augment_fn, Partial) else Partial(augment_fn)
+    source = Partial(_augment_embed, augment_fn, embed_fn, images)
+    params = train_linear(key, source, labels, num_classes=num_classes, cfg=cfg)
+    top1 = accuracy(params, jnp.asarray(test_feats), jnp.asarray(test_labels), batch=cfg.eval_batch)
+    hp = make_hyper(cfg, images.shape[0], out.shape[1], cfg.seeds, full=True)
+    return _result(top1, protocol(cfg, hp, labels, mode="full", augment=True), t0, meta)
+

@@ -1,0 +1,114 @@
+"""Seconds per step and step memory of the distillation engine, and LGM's overhead over its encoder work.
+
+    python launch/bench_engine.py --data=../shared/data/imagenette --backbone=.cache/dinov2s [--res=112]
+
+For each method (LGM with its real batch through the backbone, CLP with cached real features) it
+builds the real jitted step of jdd.step on one device, times it (median of --repeats after a warm-up
+compile), and reads XLA's memory analysis of the compiled step (arguments + temporaries + outputs,
+the peak device memory the step needs). It also times the encoder work LGM cannot avoid: forward +
+backward of the synthetic copies to the images, and the forward of the real batch, as standalone
+jitted functions, and prints LGM's step time divided by their sum (the overhead ratio).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdd import config as jc, distill, parallel, step as step_lib
+
+
+def _time(fn, *args, repeats: int):
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def _memory_mb(jitted, *args) -> float:
+    m = jitted.lower(*args).compile().memory_analysis()
+    total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return total / 2**20
+
+
+def _config(method: str, args) -> "ml_collections.ConfigDict":
+    cfg_mod = {"clp": "configs/imagenette_dinov2s_clp.py", "lgm": "configs/imagenette_dinov2s_lgm.py"}[method]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cfg", cfg_mod)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(f"data={args.data},backbone={args.backbone}")
+    c.parallel.num_devices = 1
+    c.data.real_res, c.data.crop_res = round(args.res * 8 / 7), args.res
+    c.syn.res = args.res
+    c.augment.copies = args.copies[method]
+    return c
+
+
+def bench(method: str, args) -> dict:
+    c = _config(method, args)
+    s = distill.setup(c, "/tmp/jdd_bench_engine")
+    spec = step_lib.make_spec(c, s.train.num_classes)
+    mesh = s.mesh
+    feat_dim = s.backbone.embed_dim
+    state = parallel.replicate(step_lib.init_state(jax.random.PRNGKey(0), spec, c, method=s.method,
+                                                   feat_dim=feat_dim, init_images=None), mesh)
+    bb = parallel.replicate(s.backbone.params, mesh)
+    encode = parallel.batch_map(lambda p, x: s.backbone.apply(p, x)[c.backbone.feature], mesh)
+    step = jax.jit(step_lib.make_step(spec, c, s.method, encode))
+    n_real = spec.real_per_class * spec.num_classes
+    if c.real.source == "cache":
+        cache = distill.feature_cache(s, s.train, c.data.train_split)
+        real = parallel.replicate(distill._cache_arrays(cache, spec.num_classes), mesh)
+    else:
+        real = {"image": jnp.asarray(np.random.default_rng(0).random((n_real, c.data.crop_res, c.data.crop_res, 3),
+                                                                      np.float32)),
+                "label": jnp.repeat(jnp.arange(spec.num_classes), spec.real_per_class)}
+    consts = {}
+    t_step = _time(lambda st: step(st, consts, bb, real)[1]["loss"], state, repeats=args.repeats)
+    mem = _memory_mb(step, state, consts, bb, real)
+    row = {"method": method, "copies": spec.copies, "syn images/step": spec.copies * spec.num_images,
+           "real": c.real.source, "s/step": t_step, "step memory (MB)": mem}
+    if method == "lgm":
+        m = spec.copies * spec.num_images
+        x_syn = jnp.asarray(np.random.default_rng(1).random((m, c.data.crop_res, c.data.crop_res, 3), np.float32))
+        fwd_bwd = jax.jit(jax.grad(lambda x: jnp.sum(s.backbone.apply(bb, x)[c.backbone.feature] ** 2)))
+        fwd = jax.jit(lambda x: s.backbone.apply(bb, x)[c.backbone.feature])
+        t_syn = _time(fwd_bwd, x_syn, repeats=args.repeats)
+        t_real = _time(fwd, real["image"], repeats=args.repeats)
+        row.update({"encoder work (s)": t_syn + t_real, "overhead ratio": t_step / (t_syn + t_real)})
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="../shared/data/imagenette")
+    ap.add_argument("--backbone", default=".cache/dinov2s")
+    ap.add_argument("--res", type=int, default=112)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--lgm_copies", type=int, default=3)
+    ap.add_argument("--clp_copies", type=int, default=4)
+    args = ap.parse_args()
+    args.copies = {"lgm": args.lgm_copies, "clp": args.clp_copies}
+    rows = [bench(m, args) for m in ("lgm", "clp")]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    print(f"\n{jax.devices()[0].device_kind}, {args.res} px, 1 image per class, 10 classes\n")
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
+    lgm, clp = rows
+    print(f"\nCLP (cached real features) is {lgm['s/step'] / clp['s/step']:.1f}x faster per step than LGM and "
+          f"needs {clp['step memory (MB)'] / lgm['step memory (MB)']:.2f} of its step memory "
+          f"(per synthetic copy: {lgm['s/step'] / lgm['syn images/step'] / (clp['s/step'] / clp['syn images/step']):.1f}x).")
+
+
+if __name__ == "__main__":
+    main()
