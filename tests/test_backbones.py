@@ -1,6 +1,9 @@
 """jdd.backbones: variant table, random init, errors, gradients, bfloat16, position resampling."""
 import json
+import os
 import pathlib
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -56,6 +59,9 @@ def test_create_errors():
         bb.create("dinov2", "H/14")
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         bb.create("dinov2", "test", dtype=jnp.float16)
+    with pytest.raises(ValueError, match=r"image size 230 .*patch size 14 of dinov2 S/14.*224 or 238"):
+        bb.create("dinov2", "S/14", image_size=230)
+    assert bb.create("dinov2", "test", image_size=48).image_size == 48
 
 
 def _hf_config(family: str, variant: str) -> dict:
@@ -208,10 +214,32 @@ def test_load_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="has no weights"):
         bb.load(str(tmp_path))
     hub = pytest.importorskip("huggingface_hub")
-    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)  # never touch the network in tests
     with pytest.raises(OSError, match=r"could not fetch backbone 'jdd-tests/no-such-model'.*pass its path"):
         bb.load("jdd-tests/no-such-model")
+
+
+def test_pickle_checkpoint_and_no_torch_import_for_safetensors(tmp_path):
+    """A pytorch_model.bin loads like its safetensors twin; safetensors loading never imports torch."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                         intermediate_size=64, patch_size=8, image_size=32))
+    model.save_pretrained(tmp_path / "st")
+    # transformers 5 writes safetensors only; a hub-style pickle holds the same (on-disk) names
+    from safetensors.torch import load_file
+
+    (tmp_path / "bin").mkdir()
+    torch.save(load_file(tmp_path / "st" / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    a, b = bb.load(str(tmp_path / "st")), bb.load(str(tmp_path / "bin"))
+    same = jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(x, y)), a.params, b.params)
+    assert all(jax.tree_util.tree_leaves(same))
+    code = ("import sys, jdd.backbones as bb; b = bb.load(sys.argv[1]); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported torch'")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "st")], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_preprocessor_config_sets_normalisation(tmp_path):
