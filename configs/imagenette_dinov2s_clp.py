@@ -17,9 +17,10 @@ def get_config(arg=None):
     c.data.real_res, c.data.crop_res = 128, 112
     c.syn.res = 112
     c.syn.ipc = a.ipc
+    c.syn.init = "centroid"   # start from the strongest real-image baseline (see README results)
     c.syn.extent = 100
-    c.steps = 1000
-    c.augment.copies = 4
+    c.steps = 800
+    c.augment.copies = 2
     jc.set_method(c, "clp")
     c.real.source = "cache"
     c.real.cache_views = 1

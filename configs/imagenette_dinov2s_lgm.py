@@ -16,6 +16,7 @@ def get_config(arg=None):
     c.data.real_res, c.data.crop_res = 128, 112
     c.syn.res = 112
     c.syn.ipc = a.ipc
+    c.syn.init = "centroid"   # start from the strongest real-image baseline (see README results)
     c.syn.extent = 100
     c.steps = 400
     c.augment.copies = 3

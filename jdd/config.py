@@ -91,7 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
         cache_dir="",          # "" = <workdir>/../feature_cache
     )
     set_method(c, "clp")
-    c.parallel = dict(num_devices=0, multihost=False)  # 0 = all devices
+    c.parallel = dict(
+        num_devices=0,         # 0 = all devices (of all processes)
+        multihost=False,       # True: jax.distributed.initialize() (else decided from the environment)
+        shard_state_mb=64.0,   # per-image state leaves (pyramid levels, their Adam moments, soft labels)
+                               # of at least this many MiB are split over the devices, not replicated
+    )
     c.log_every = 50
     c.ckpt_every = 500
     c.keep_ckpts = 3
@@ -131,5 +136,10 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
     config.real.per_class = 2
     config.eval.epochs = 30
     config.eval.seeds = 2
+    config.eval.mode = "features"
+    config.eval.baselines = False
+    # No whole-split feature cache of the training set: real images go through the backbone.
+    config.syn.init = "real"
+    config.real.source = "backbone"
     if not config.data.classes and config.data.name in ("imagenet2012",):
         config.data.classes = "n01440764,n02102040,n02979186,n03000684,n03028079"

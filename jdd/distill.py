@@ -130,8 +130,12 @@ def feature_cache(s: Setup, source, split: str, *, views: int = 1, backbone=None
         jaug = jax.jit(lambda k, x: augment.augment(k, x, ops=ops, out_res=c.data.crop_res, **opts))
         aug = lambda seed, x: np.asarray(jaug(jax.random.PRNGKey(seed), x))
     embed = lambda x: np.asarray(embed_fn(jnp.asarray(x)))
-    return data.feature_cache(source, embed, key=key, cache_dir=cache_dir, res=c.data.real_res,
-                              crop_res=c.data.crop_res, views=views, augment=aug, seed=c.seed)
+    # Process 0 builds a missing cache while the others wait, then they open it: a file lock alone
+    # does not serialise builders on different machines sharing the storage.
+    return parallel.main_first(
+        lambda: data.feature_cache(source, embed, key=key, cache_dir=cache_dir, res=c.data.real_res,
+                                   crop_res=c.data.crop_res, views=views, augment=aug, seed=c.seed),
+        name=f"feature_cache:{split}")
 
 
 def _cache_arrays(cache, num_classes: int) -> dict:
@@ -227,15 +231,24 @@ def distill(s: Setup) -> dict:
 
     ckpt = Checkpointer(os.path.join(s.workdir, "checkpoints"), every=c.ckpt_every, keep=c.keep_ckpts)
     start = ckpt.latest_step() or 0
+    min_bytes = int(c.parallel.shard_state_mb * 2**20)
+    shardings = lambda st: parallel.state_shardings(st, mesh, rows=spec.num_images, min_bytes=min_bytes)  # noqa: E731
     state = _state_at(s, start, key, feat_dim)
+    # Placed before restoring, so that orbax reads each device's part straight into place.
+    state = parallel.place(state, shardings(state))
     if start:
         _check_resumable(ckpt.restore_meta(start), c, ckpt.directory)
         state = ckpt.restore(start, state)
         log.info("resumed from step %d in %s", start, ckpt.directory)
-    state = parallel.replicate(state, mesh)
 
     encode = parallel.batch_map(lambda p, x: s.backbone.apply(p, x)[c.backbone.feature], mesh)
-    step_fn = jax.jit(step_lib.make_step(spec, c, s.method, encode), donate_argnums=0)
+    step = step_lib.make_step(spec, c, s.method, encode)
+
+    def placed_step(state, consts, bb_params, real):
+        # The new state lives where the old one did (split per-image leaves stay split).
+        new, metrics = step(state, consts, bb_params, real)
+        return jax.lax.with_sharding_constraint(new, shardings(new)), metrics
+    step_fn = jax.jit(placed_step, donate_argnums=0)
     batches = _real_batches(s, start) if c.real.source == "backbone" else None
     writer = export.MetricWriter(s.workdir, enabled=main)
     bar = tqdm(total=c.steps, initial=start, desc=f"distil {c.method_name}", disable=not main,
@@ -244,7 +257,7 @@ def distill(s: Setup) -> dict:
     for t in range(start, c.steps):
         grown = step_lib.grow(state, c, spec, t)
         if grown is not state:
-            state = parallel.replicate(grown, mesh)
+            state = parallel.place(grown, shardings(grown))
         real = cache_dev if batches is None else parallel.global_batch(next(batches), mesh)
         state, metrics = step_fn(state, consts, bb_params, real)
         done = t + 1
@@ -258,9 +271,10 @@ def distill(s: Setup) -> dict:
             bar.set_postfix(loss=f"{m['loss']:.4g}")
         bar.update(1)
         ckpt.save(done, state, meta, force=done == c.steps)
-        if main and c.png_every and done % c.png_every == 0:
-            images, labels, _ = decode_images(s, state)
-            export.grid_png(os.path.join(s.workdir, "distilled.png"), images, labels, s.train.class_names)
+        if c.png_every and done % c.png_every == 0:
+            images, labels, _ = decode_images(s, state)  # on every process: a split state is gathered
+            if main:
+                export.grid_png(os.path.join(s.workdir, "distilled.png"), images, labels, s.train.class_names)
     bar.close()
     ckpt.close()
     writer.close()

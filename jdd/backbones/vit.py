@@ -124,8 +124,9 @@ class Attention(nn.Module):
 
 
 # On CPU, attention runs over chunks of the batch whose logits take about this many bytes, so that they
-# stay in cache: at 224 px (DINOv2-S, batch 32) this made attention ~4x faster forward and ~2x faster
-# forward + backward than one einsum over the whole batch, on par with PyTorch's fused SDPA kernel.
+# stay in cache. Measured at 224 px, batch 32 (DINOv2-S shapes): the attention op alone ~4x faster
+# forward and ~1.7x forward + backward than one einsum over the whole batch (on par with PyTorch's
+# fused SDPA kernel); the whole model ~10% less CPU time forward and ~18% forward + backward.
 CPU_ATTENTION_CHUNK_BYTES = 4 * 2**20
 
 
@@ -157,6 +158,7 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _largest_divisor_at_most(n: int, bound: int) -> int:
+    """The largest divisor of n that is <= bound (bound >= 1)."""
     return max(d for d in range(1, min(n, bound) + 1) if n % d == 0)
 
 
