@@ -49,6 +49,8 @@ def _config(method: str, args) -> "ml_collections.ConfigDict":
     c.data.real_res, c.data.crop_res = round(args.res * 8 / 7), args.res
     c.syn.res = args.res
     c.augment.copies = args.copies[method]
+    c.syn.init = "noise"  # timing only: no need for the centroid search
+    c.real.cache_dir = args.cache_dir
     return c
 
 
@@ -93,6 +95,7 @@ def main():
     ap.add_argument("--backbone", default=".cache/dinov2s")
     ap.add_argument("--res", type=int, default=112)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cache_dir", default="", help="feature cache dir (reuse one a run already built)")
     ap.add_argument("--lgm_copies", type=int, default=3)
     ap.add_argument("--clp_copies", type=int, default=4)
     args = ap.parse_args()
