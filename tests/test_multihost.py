@@ -15,8 +15,8 @@ import textwrap
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import make_imagefolder
 from jdd import distill, parallel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -29,18 +29,8 @@ LAUNCH = REPO / "launch"
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """4 classes x 4 train / 2 val images of coloured noise (ImageFolder)."""
-    root = tmp_path_factory.mktemp("mh_imagefolder")
-    rng = np.random.default_rng(1)
-    for split, n in (("train", 4), ("val", 2)):
-        for c in range(4):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = np.full((40, 40, 3), 0.2)
-                img[..., c % 3] += 0.5 * (1 + c // 3) / 2
-                img = np.clip(img + 0.3 * rng.random(img.shape), 0, 1)
-                Image.fromarray((img * 255).astype(np.uint8)).save(d / f"{i}.png")
-    return str(root)
+    return make_imagefolder(tmp_path_factory.mktemp("mh_imagefolder"), counts={"train": 4, "val": 2}, seed=1,
+                            size=(40, 40))
 
 
 def _free_port() -> int:
