@@ -1,6 +1,6 @@
 """LGM on ImageNet-100 (the LGM paper's 100-class subset) with a ViT-B backbone at 224 px (the paper's setting).
 
-    python -m jdd.main --config=configs/imagenet100_lgm.py:backbone=facebook/dinov2-base,ipc=1 --workdir=runs/x
+    python -m jdd.main --config=configs/imagenet100_lgm.py:data=/data/tfds,backbone=facebook/dinov2-base,ipc=1 --workdir=runs/x
 
 ``data``: the TFDS data_dir holding the prepared ``imagenet2012`` (see README: manual download), or an
 ImageFolder root with train/ and val/. ``backbone``: a local Hugging Face checkpoint dir or hub name.
@@ -9,14 +9,4 @@ from jdd import config as jc
 
 
 def get_config(arg=None):
-    a = jc.parse_arg(arg, data="", backbone="facebook/dinov2-base", ipc=1, runlocal=False)
-    c = jc.base_config()
-    jc.use_data(c, "imagenet2012", a.data)
-    c.data.classes = "imagenet100"
-    c.backbone.spec = a.backbone
-    c.syn.ipc = a.ipc
-    jc.set_method(c, "lgm")
-    c.real.source = "backbone"
-    if a.runlocal:
-        jc.runlocal(c)
-    return c.lock()
+    return jc.imagenet(arg, classes="imagenet100", method="lgm")

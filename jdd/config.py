@@ -143,3 +143,22 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
     config.real.source = "backbone"
     if not config.data.classes and config.data.name in ("imagenet2012",):
         config.data.classes = "n01440764,n02102040,n02979186,n03000684,n03028079"
+
+
+def imagenet(arg: str | None, *, classes: str, method: str) -> ml_collections.ConfigDict:
+    """The paper's setting on ImageNet-1K / a class subset: ViT-B at 224 px, LGM's schedule (locked).
+
+    ``arg``: ``data`` (TFDS data_dir or ImageFolder root), ``backbone`` (local HF dir or hub name), ``ipc``,
+    ``runlocal``. CLP reads real features from the feature cache; LGM encodes a real batch every step.
+    """
+    a = parse_arg(arg, data="", backbone="facebook/dinov2-base", ipc=1, runlocal=False)
+    c = base_config()
+    use_data(c, "imagenet2012", a.data)
+    c.data.classes = classes
+    c.backbone.spec = a.backbone
+    c.syn.ipc = a.ipc
+    set_method(c, method)
+    c.real.source = "cache" if method == "clp" else "backbone"
+    if a.runlocal:
+        runlocal(c)
+    return c.lock()
