@@ -227,7 +227,8 @@ def distill(s: Setup) -> dict:
             len(cache.labels), -1, cache.features.shape[-1])[:, 0], cache.labels, spec.num_classes, c.method)
     consts = parallel.replicate(consts, mesh)
     cache_dev = parallel.replicate(_cache_arrays(cache, spec.num_classes), mesh) if c.real.source == "cache" else None
-    feat_dim = int(s.embed(jnp.zeros((1, c.data.crop_res, c.data.crop_res, 3))).shape[-1])
+    feat_dim = int(jax.eval_shape(s.embed, jax.ShapeDtypeStruct((1, c.data.crop_res, c.data.crop_res, 3),
+                                                                jnp.float32)).shape[-1])
 
     ckpt = Checkpointer(os.path.join(s.workdir, "checkpoints"), every=c.ckpt_every, keep=c.keep_ckpts)
     start = ckpt.latest_step() or 0
