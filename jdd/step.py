@@ -114,6 +114,10 @@ def grow(state: dict, config, spec: StepSpec, step: int) -> dict:
     """Adds a pyramid level when due at ``step``; resets (LGM) or carries over the image Adam state."""
     opts = {}
     if spec.syn_param == "pyramid":
+        # Most steps add nothing: decide on the host before deriving a key (a device op per step).
+        due = synsets.num_levels(step, res=spec.syn_res, extent=config.syn.extent)
+        if due <= len(state["params"]["syn"]["levels"]):
+            return state
         key = jax.random.fold_in(jax.random.fold_in(state["rng"], _GROW_TAG), step)
         opts = {"mode": config.syn.grow_mode, "key": key}
     syn, changed = synsets.grow(spec.syn_param, state["params"]["syn"], step=step, res=spec.syn_res,
