@@ -18,13 +18,19 @@ def get_config(arg=None):
     c.syn.ipc = a.ipc
     c.syn.init = "centroid"   # start from the strongest real-image baseline (see README results)
     c.syn.extent = 100
-    c.steps = 400
+    c.steps = 600
+    c.budget_minutes = 20.0  # the CPU budget of this experiment; a faster machine runs all the steps
     c.augment.copies = 3
+    # As in imagenette_dinov2s_clp.py: milder crops, no pixel noise (real and synthetic side alike).
+    c.augment.ops = "flip,rrc"
+    c.augment.rrc_scale = (0.5, 1.0)
     jc.set_method(c, "lgm")
     c.real.source = "backbone"
     c.ckpt_every = 50
     c.log_every = 10
     c.eval.baselines = True
+    c.eval.track_every = 50
+    c.eval.keep_best = True
     if a.runlocal:
         jc.runlocal(c)
     return c.lock()

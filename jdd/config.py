@@ -60,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
         spec="facebook/dinov2-base",  # local Hugging Face checkpoint dir or hub name
         dtype="float32",       # compute dtype: float32 or bfloat16 (parameters stay float32)
         feature="embedding",   # which named backbone feature the probe sees
+        remat=False,           # recompute block activations in the backward pass: far less memory
+                               # for the synthetic images' gradient, ~1 more forward of time
     )
     c.syn = dict(
         ipc=1,                 # synthetic images per class
@@ -72,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
         init="noise",          # "noise", "real" (random real images) or "centroid" (nearest the class means)
         lr=2e-3,               # Adam learning rate of the image parameters
         reset_opt_on_grow=True,  # LGM resets Adam when a pyramid level is added
+        learn_images=True,     # False + learn_labels: the label-only baseline (images fixed, labels learned)
         learn_labels=False,    # learnable soft labels (softmax of logits)
         label_lr=1e-2,
         label_init_temp=1.0,   # soft-label logits start at one_hot / temp
@@ -97,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
         shard_state_mb=64.0,   # per-image state leaves (pyramid levels, their Adam moments, soft labels)
                                # of at least this many MiB are split over the devices, not replicated
     )
+    c.budget_minutes = 0.0     # > 0: stop the optimisation after this much wall time (from the start of
+                               # the run: caches and compilation count), checkpoint and export there
     c.log_every = 50
     c.ckpt_every = 500
     c.keep_ckpts = 3
@@ -110,6 +115,10 @@ def base_config() -> ml_collections.ConfigDict:
         baselines=False,       # also evaluate random / centroid / neighbour real images and the full probe
         backbone="",           # evaluate with another backbone (cross-backbone transfer); "" = the same
         test_batch=256,
+        track_every=0,         # every N steps, score the current set with the fast probe on the train
+                               # split (metric "track_top1"; 0 = off); cheap: one forward of the set
+        track_seeds=2,
+        keep_best=False,       # export the tracked-best set instead of the last one (needs track_every)
     )
     return c
 
@@ -138,6 +147,8 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
     config.eval.seeds = 2
     config.eval.mode = "features"
     config.eval.baselines = False
+    config.eval.track_every, config.eval.keep_best = 0, False  # tracking reads a train-split cache
+    config.budget_minutes = 0.0
     # No whole-split feature cache of the training set: real images go through the backbone.
     config.syn.init = "real"
     config.real.source = "backbone"

@@ -64,6 +64,11 @@ def validate(config, train, backbone, mesh) -> None:
                          f"{counts[c]} training images; lower syn.ipc or use syn.init=noise")
     if config.syn.init not in ("noise", "real", "centroid"):
         raise ValueError(f"syn.init must be 'noise', 'real' or 'centroid', got {config.syn.init!r}")
+    if not config.syn.learn_images and not config.syn.learn_labels:
+        raise ValueError("syn.learn_images=False leaves nothing to learn: set syn.learn_labels=True (the "
+                         "label-only baseline) or learn the images")
+    if config.eval.keep_best and not config.eval.track_every:
+        raise ValueError("eval.keep_best needs eval.track_every > 0 (the tracked probe picks the best set)")
     if config.real.source not in ("backbone", "cache"):
         raise ValueError(f"real.source must be 'backbone' or 'cache', got {config.real.source!r}")
     if config.syn.param not in synsets.PARAMETRISATIONS:
@@ -105,6 +110,8 @@ def setup(config, workdir: str) -> Setup:
     mesh = parallel.make_mesh(config.parallel.num_devices or None)
     method = methods.get(config.method_name)
     backbone = load_backbone(config.backbone.spec, config.backbone.dtype)
+    if config.backbone.remat:
+        backbone = dataclasses.replace(backbone, module=backbone.module.clone(remat=True))
     train, test = load_sources(config)
     validate(config, train, backbone, mesh)
     spec = step_lib.make_spec(config, train.num_classes)
@@ -120,7 +127,7 @@ def feature_cache(s: Setup, source, split: str, *, views: int = 1, backbone=None
     backbone, embed_fn = (backbone, embed) if backbone is not None else (s.backbone, s.embed)
     cache_dir = c.real.cache_dir or os.path.join(os.path.dirname(os.path.abspath(s.workdir)), "feature_cache")
     key = dict(dataset=c.data.name, data_dir=os.path.abspath(c.data.data_dir) if c.data.data_dir else "",
-               split=split, classes=c.data.classes, backbone=backbone.name, dtype=c.backbone.dtype,
+               split=split, classes=c.data.classes, backbone=_backbone_id(backbone.name), dtype=c.backbone.dtype,
                feature=c.backbone.feature, real_res=c.data.real_res, crop_res=c.data.crop_res, views=views)
     aug = None
     if views > 1:
@@ -136,6 +143,11 @@ def feature_cache(s: Setup, source, split: str, *, views: int = 1, backbone=None
         lambda: data.feature_cache(source, embed, key=key, cache_dir=cache_dir, res=c.data.real_res,
                                    crop_res=c.data.crop_res, views=views, augment=aug, seed=c.seed),
         name=f"feature_cache:{split}")
+
+
+def _backbone_id(name: str) -> str:
+    """A local checkpoint by its absolute path, so "ckpt" and "/abs/ckpt" share one cache."""
+    return os.path.abspath(name) if os.path.isdir(name) else name
 
 
 def _cache_arrays(cache, num_classes: int) -> dict:
@@ -212,9 +224,42 @@ def decode_images(s: Setup, state) -> tuple[np.ndarray, np.ndarray, np.ndarray |
     return np.asarray(images), labels, soft
 
 
+class _Tracker:
+    """In-run quality curve: the fast probe's train-split top-1 of the current set every few steps.
+
+    Writes "track_top1" to the metrics; with eval.keep_best also keeps the best set so far in
+    <workdir>/best.npz (+ best.json), which survives a resume.
+    """
+
+    def __init__(self, s: Setup, key, writer):
+        from jdd import evaluate  # the probe protocol; only needed when tracking
+        self.s, self.writer, self.last = s, writer, float("nan")
+        self.fn = evaluate.tracker(s, key)
+        self.path = os.path.join(s.workdir, "best.npz")
+        meta = os.path.join(s.workdir, "best.json")
+        self.best_top1 = json.load(open(meta))["top1"] if os.path.exists(meta) else -1.0
+
+    def __call__(self, step: int, state) -> float:
+        images, labels, soft = decode_images(self.s, state)
+        self.last = top1 = float(self.fn(images, labels if soft is None else soft))
+        self.writer.write(step, {"track_top1": top1})
+        if self.s.config.eval.keep_best and top1 > self.best_top1 and parallel.is_main_process():
+            self.best_top1 = top1
+            export.save_npz(self.path, images, labels, self.s.train.class_names, soft)
+            with open(os.path.join(self.s.workdir, "best.json"), "w") as f:
+                json.dump({"step": step, "top1": top1}, f)
+        return top1
+
+    def best(self) -> dict:
+        out = export.load_npz(self.path)
+        out.update(json.load(open(os.path.join(self.s.workdir, "best.json"))))
+        return out
+
+
 def distill(s: Setup) -> dict:
     """Runs (or resumes) the optimisation; writes distilled.npz / distilled.png; returns the host set."""
     c, spec, mesh = s.config, s.spec, s.mesh
+    t_start = time.time()
     main = parallel.is_main_process()
     key = jax.random.PRNGKey(c.seed)
     bb_params = parallel.replicate(s.backbone.params, mesh)
@@ -254,7 +299,10 @@ def distill(s: Setup) -> dict:
     writer = export.MetricWriter(s.workdir, enabled=main)
     bar = tqdm(total=c.steps, initial=start, desc=f"distil {c.method_name}", disable=not main,
                dynamic_ncols=True)
-    t0, meta = time.time(), _meta(c)
+    t0, meta, post = time.time(), _meta(c), {}
+    track = _Tracker(s, jax.random.fold_in(key, 2 << 20), writer) if c.eval.track_every else None
+    if track and start == 0:
+        track(0, state)
     for t in range(start, c.steps):
         grown = step_lib.grow(state, c, spec, t)
         if grown is not state:
@@ -269,17 +317,35 @@ def distill(s: Setup) -> dict:
                                          "inputs (the last checkpoint is kept)")
             m["steps_per_s"] = (done - start) / (time.time() - t0)
             writer.write(done, m)
-            bar.set_postfix(loss=f"{m['loss']:.4g}")
+            post["loss"] = f"{m['loss']:.4g}"
+            bar.set_postfix(post)
         bar.update(1)
-        ckpt.save(done, state, meta, force=done == c.steps)
+        if track and (done % c.eval.track_every == 0 or done == c.steps):
+            post["train_probe"] = f"{track(done, state):.1f}%"
+            bar.set_postfix(post)
+        # All processes must agree to stop at the same step: the decision is process 0's clock.
+        out_of_time = c.budget_minutes > 0 and parallel.broadcast_flag(
+            time.time() - t_start > 60 * c.budget_minutes)
+        ckpt.save(done, state, meta, force=done == c.steps or out_of_time)
         if c.png_every and done % c.png_every == 0:
             images, labels, _ = decode_images(s, state)  # on every process: a split state is gathered
             if main:
                 export.grid_png(os.path.join(s.workdir, "distilled.png"), images, labels, s.train.class_names)
+        if out_of_time:
+            log.warning("budget of %.1f min reached after step %d of %d; exporting this state (a rerun "
+                        "with a larger budget resumes from here)", c.budget_minutes, done, c.steps)
+            if track and done % c.eval.track_every:
+                track(done, state)
+            break
     bar.close()
     ckpt.close()
     writer.close()
     images, labels, soft = decode_images(s, state)
+    if track and c.eval.keep_best:
+        best = track.best()
+        log.info("keeping the set of step %d (train-split probe %.2f%%); the last step scored %.2f%%",
+                 best["step"], best["top1"], track.last)
+        images, labels, soft = best["images"], best["labels"], best.get("soft_labels")
     if main:
         export.save_npz(os.path.join(s.workdir, "distilled.npz"), images, labels, s.train.class_names, soft)
         export.grid_png(os.path.join(s.workdir, "distilled.png"), images, labels, s.train.class_names)

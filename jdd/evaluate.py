@@ -91,6 +91,26 @@ def _baselines(s, bb, embed, key, cfg, test, **distilled_kw) -> dict:
         meta=_meta(s, bb), **distilled_kw)
 
 
+def tracker(s, key):
+    """``track(images, labels) -> top-1 %``: the fast probe on the train split, for in-run curves.
+
+    Scored on the (cached, plain-preprocessed) train features, not the test split, so that looking
+    at the curve or keeping the best set by it (``eval.keep_best``) never selects on test data.
+    """
+    c = s.config
+    train = distill.feature_cache(s, s.train, c.data.train_split)
+    feats, labels = jnp.asarray(train.view(0)), jnp.asarray(train.labels)
+    cfg = probe_cfg(c)
+    cfg.mode, cfg.seeds = "features", c.eval.track_seeds
+    embed_fn = probe.embedder(s.backbone.apply, s.backbone.params, c.backbone.feature)
+
+    def track(images, syn_labels) -> float:
+        syn = probe.embed_images(embed_fn, jnp.asarray(_resize(images, c.data.crop_res)), batch=cfg.embed_batch)
+        return probe.evaluate_features(key, syn, syn_labels, feats, labels, num_classes=s.train.num_classes,
+                                       cfg=cfg)["top1_mean"]
+    return track
+
+
 def baselines_only(s) -> dict:
     """Random / centroid real images and the full-dataset probe, same protocol; writes results files."""
     c = s.config

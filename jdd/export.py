@@ -93,22 +93,25 @@ class MetricWriter:
 
 
 def loss_plot(workdir: str) -> None:
-    """``loss.png`` from metrics.jsonl (the curve says more than the table)."""
+    """``loss.png`` from metrics.jsonl: the loss and, when tracked, the train-split probe top-1."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    rows = [r for r in rows if "loss" in r]
-    if not rows:
+    curves = [(k, [(r["step"], r[k]) for r in rows if k in r]) for k in ("loss", "track_top1")]
+    curves = [(k, pts) for k, pts in curves if pts]
+    if not curves:
         return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 3.5), squeeze=False)
+    labels = {"loss": "loss", "track_top1": "train-split probe top-1 (%)"}
+    for ax, (k, pts) in zip(axes[0], curves):
+        ax.plot(*zip(*pts), marker="." if k == "track_top1" else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(labels[k])
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "loss.png"), dpi=100)
     plt.close(fig)

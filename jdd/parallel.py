@@ -259,3 +259,11 @@ def main_first(fn: Callable[[], Any], name: str, timeout_s: float = BARRIER_TIME
     out = fn() if is_main_process() else None
     barrier(name, timeout_s)
     return out if is_main_process() else fn()
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process (no-op for one process), e.g. a wall-clock decision."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.bool_)))

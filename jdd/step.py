@@ -43,6 +43,7 @@ class StepSpec:
     aug_opts: tuple[tuple[str, Any], ...]
     augment_real: bool
     learn_labels: bool
+    learn_images: bool        # False: the label-only baseline (images stay as initialised)
     real_source: str          # "backbone" | "cache"
     real_per_class: int       # real images (or cached rows) per class each step
     accum_chunks: int         # the synthetic copies go through the backbone in this many chunks
@@ -62,7 +63,7 @@ def make_spec(config: ml_collections.ConfigDict, num_classes: int) -> StepSpec:
         syn_res=config.syn.res, crop_res=config.data.crop_res, copies=aug.copies,
         aug_ops=tuple(o.strip() for o in aug.ops.split(",") if o.strip()),
         aug_opts=tuple(sorted(opts.items())), augment_real=aug.augment_real,
-        learn_labels=config.syn.learn_labels, real_source=config.real.source,
+        learn_labels=config.syn.learn_labels, learn_images=config.syn.learn_images, real_source=config.real.source,
         real_per_class=per_class, accum_chunks=config.augment.accum_chunks,
         feature=config.backbone.feature)
 
@@ -194,6 +195,8 @@ def make_loss_and_grad(spec: StepSpec, config, method: Method, encode: Callable)
     per_chunk = spec.copies // k_chunks
 
     def syn_feats(syn_params, bb_params, k_syn, copy_ids):
+        if not spec.learn_images:  # no image gradient, so XLA drops the backward through the encoder
+            syn_params = jax.lax.stop_gradient(syn_params)
         images = synsets.decode(spec.syn_param, syn_params, res=spec.syn_res, **sopts)
         return encode(bb_params, _augment_copies(k_syn, images, copy_ids, spec))
 

@@ -38,7 +38,7 @@ def _memory_mb(jitted, *args) -> float:
     return total / 2**20
 
 
-def _config(method: str, args) -> "ml_collections.ConfigDict":
+def _config(method: str, args, remat: bool = False) -> "ml_collections.ConfigDict":
     cfg_mod = {"clp": "configs/imagenette_dinov2s_clp.py", "lgm": "configs/imagenette_dinov2s_lgm.py"}[method]
     import importlib.util
     spec = importlib.util.spec_from_file_location("cfg", cfg_mod)
@@ -51,11 +51,12 @@ def _config(method: str, args) -> "ml_collections.ConfigDict":
     c.augment.copies = args.copies[method]
     c.syn.init = "noise"  # timing only: no need for the centroid search
     c.real.cache_dir = args.cache_dir
+    c.backbone.remat = remat
     return c
 
 
-def bench(method: str, args) -> dict:
-    c = _config(method, args)
+def bench(method: str, args, remat: bool = False) -> dict:
+    c = _config(method, args, remat)
     s = distill.setup(c, "/tmp/jdd_bench_engine")
     spec = step_lib.make_spec(c, s.train.num_classes)
     mesh = s.mesh
@@ -76,7 +77,7 @@ def bench(method: str, args) -> dict:
     consts = {}
     t_step = _time(lambda st: step(st, consts, bb, real)[1]["loss"], state, repeats=args.repeats)
     mem = _memory_mb(step, state, consts, bb, real)
-    row = {"method": method, "copies": spec.copies, "syn images/step": spec.copies * spec.num_images,
+    row = {"method": method + (" (remat)" if remat else ""), "copies": spec.copies, "syn images/step": spec.copies * spec.num_images,
            "real": c.real.source, "s/step": t_step, "step memory (MB)": mem}
     if method == "lgm":
         m = spec.copies * spec.num_images
@@ -97,20 +98,21 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cache_dir", default="", help="feature cache dir (reuse one a run already built)")
     ap.add_argument("--lgm_copies", type=int, default=3)
-    ap.add_argument("--clp_copies", type=int, default=4)
+    ap.add_argument("--clp_copies", type=int, default=2)
     args = ap.parse_args()
     args.copies = {"lgm": args.lgm_copies, "clp": args.clp_copies}
-    rows = [bench(m, args) for m in ("lgm", "clp")]
+    rows = [bench("lgm", args), bench("clp", args), bench("clp", args, remat=True)]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     print(f"\n{jax.devices()[0].device_kind}, {args.res} px, 1 image per class, 10 classes\n")
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
-    lgm, clp = rows
-    print(f"\nCLP (cached real features) is {lgm['s/step'] / clp['s/step']:.1f}x faster per step than LGM and "
-          f"needs {clp['step memory (MB)'] / lgm['step memory (MB)']:.2f} of its step memory "
-          f"(per synthetic copy: {lgm['s/step'] / lgm['syn images/step'] / (clp['s/step'] / clp['syn images/step']):.1f}x).")
+    lgm = rows[0]
+    for clp in rows[1:]:
+        print(f"\n{clp['method']} (cached real features) is {lgm['s/step'] / clp['s/step']:.1f}x faster per step than "
+              f"LGM and needs {clp['step memory (MB)'] / lgm['step memory (MB)']:.2f} of its step memory (per "
+              f"synthetic copy: {lgm['s/step'] / lgm['syn images/step'] / (clp['s/step'] / clp['syn images/step']):.1f}x).")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """jdd.backbones: variant table, random init, errors, gradients, bfloat16, position resampling."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -15,6 +16,8 @@ import jdd.backbones as bb
 from jdd.backbones import convert, families, posemb, vit
 
 FAMILY_NAMES = sorted(bb.FAMILIES)
+# Families loaded from Hugging Face checkpoints; the timm ones are checked against timm in test_backbones_timm.py.
+HF_FAMILY_NAMES = sorted(name for name, family in bb.FAMILIES.items() if family.model_types)
 
 
 def _images(size, batch=2, seed=0):
@@ -81,7 +84,7 @@ def _hf_config(family: str, variant: str) -> dict:
     return dict(model_type="siglip", vision_config=dict(sizes, intermediate_size=cfg.mlp_dim))
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", HF_FAMILY_NAMES)
 def test_variant_table_matches_transformers(family):
     """Each named variant has the architecture (config and parameter count) of its HF model."""
     torch = pytest.importorskip("torch")
@@ -283,3 +286,21 @@ def test_chunked_attention_matches_one_piece(monkeypatch, budget_samples):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # the chunk is the largest divisor of the batch within the budget: 6 -> 1 or 3
     assert vit._largest_divisor_at_most(batch, budget_samples) == {1: 1, 4: 3}[budget_samples]
+
+
+def test_remat_gives_the_same_gradient_with_less_memory():
+    """ViT(remat=True): identical features and input gradient, smaller temporaries in the backward."""
+    small = bb.create("dinov2", "test", image_size=32)
+    cfg = dataclasses.replace(small.config, depth=8)  # deep enough for stored activations to dominate
+    backbone = dataclasses.replace(small, module=vit.ViT(cfg), params=bb.random_params(cfg))
+    remat = dataclasses.replace(backbone, module=backbone.module.clone(remat=True))
+    x = jax.random.uniform(jax.random.PRNGKey(0), (16, 32, 32, 3))
+
+    def grad_fn(b):
+        return jax.jit(jax.grad(lambda im: jnp.sum(b.apply(b.params, im)["embedding"] ** 2)))
+
+    np.testing.assert_allclose(remat.apply(remat.params, x)["embedding"],
+                               backbone.apply(backbone.params, x)["embedding"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grad_fn(remat)(x), grad_fn(backbone)(x), rtol=1e-5, atol=1e-7)
+    temp = lambda b: grad_fn(b).lower(x).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
+    assert temp(remat) < 0.95 * temp(backbone)  # measured 0.90 here (0.72 for DINOv2-S, 20 x 112 px)

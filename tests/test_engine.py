@@ -161,3 +161,49 @@ def test_cli_end_to_end(tiny_data, tmp_path):
     bad = subprocess.run(cmd[:-1] + ["--config.syn.ipcc=3"], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=120)
     assert bad.returncode != 0 and "ipcc" in bad.stderr
+
+
+def test_tracking_keeps_the_best_set_on_the_train_split(tiny_data, tmp_path):
+    """eval.track_every logs the train-split probe; keep_best exports the set of the best tracked step."""
+    from jdd import evaluate, export
+    cfg = _load_tiny().get_config(f"data={tiny_data},steps=6")
+    with cfg.unlocked():
+        cfg.eval.track_every, cfg.eval.keep_best = 2, True
+    distill.run(cfg, str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    tracked = {r["step"]: r["track_top1"] for r in rows if "track_top1" in r}
+    assert sorted(tracked) == [0, 2, 4, 6]
+    best = json.load(open(tmp_path / "best.json"))
+    assert best["top1"] == max(tracked.values())
+    assert best["step"] == min(s for s, v in tracked.items() if v == best["top1"])  # first of equals
+    images, labels = images_of(tmp_path)
+    # The exported set is the kept one, and re-scoring it gives the tracked number.
+    np.testing.assert_array_equal(images, export.load_npz(tmp_path / "best.npz")["images"])
+    track = evaluate.tracker(distill.setup(cfg, str(tmp_path)), distill.jax.random.fold_in(
+        distill.jax.random.PRNGKey(cfg.seed), 2 << 20))
+    assert track(images, labels) == pytest.approx(best["top1"], abs=1e-6)
+
+
+def test_keep_best_without_tracking_is_refused(tiny_data, tmp_path):
+    cfg = _load_tiny().get_config(f"data={tiny_data}")
+    with cfg.unlocked():
+        cfg.eval.keep_best = True
+    with pytest.raises(ValueError, match="track_every"):
+        distill.run(cfg, str(tmp_path))
+
+
+def test_label_only_baseline_keeps_the_images(tiny_data, tmp_path):
+    """syn.learn_images=False with soft labels: images stay the real init, labels move."""
+    cfg = _load_tiny().get_config(f"data={tiny_data},steps=3,learn_labels=true,init=real,method=bptt")
+    with cfg.unlocked():
+        cfg.syn.learn_images = False
+    distill.run(cfg, str(tmp_path / "labels"))
+    cfg0 = _load_tiny().get_config(f"data={tiny_data},steps=0,learn_labels=true,init=real,method=bptt")
+    distill.run(cfg0, str(tmp_path / "start"))
+    np.testing.assert_array_equal(images_of(tmp_path / "labels")[0], images_of(tmp_path / "start")[0])
+    with np.load(tmp_path / "labels" / "distilled.npz") as f, np.load(tmp_path / "start" / "distilled.npz") as g:
+        assert np.abs(f["soft_labels"] - g["soft_labels"]).max() > 1e-4  # the labels moved
+    with cfg.unlocked():
+        cfg.syn.learn_labels = False
+    with pytest.raises(ValueError, match="nothing to learn"):
+        distill.run(cfg, str(tmp_path / "bad"))

@@ -1,12 +1,14 @@
-"""Frozen pre-trained ViT encoders in Flax: DINOv2 (+registers), DINO, CLIP and SigLIP vision towers.
+"""Frozen pre-trained ViT encoders in Flax: DINOv2 (+registers), DINO, CLIP and SigLIP vision towers
+(Hugging Face checkpoints), EVA-02 and plain timm ViTs such as DeiT, MAE and MoCo-v3 (timm checkpoints).
 
-    backbone = jdd.backbones.load("/path/to/hf/checkpoint")        # or a hub name, or
+    backbone = jdd.backbones.load("/path/to/checkpoint")           # or a hub name, e.g. "timm/...", or
     backbone = jdd.backbones.create("dinov2", "test")               # random init from the variant table
     features = backbone.apply(backbone.params, images)             # images [B, H, W, 3] in [0, 1]
     features["embedding"]                                          # [B, backbone.embed_dim]
 
 One Flax module (`vit.ViT`) serves every family; `families.FAMILIES` is the registry of families,
-their variant tables and their strict Hugging Face -> Flax converters.
+their variant tables and their strict PyTorch -> Flax converters (`families` for Hugging Face
+checkpoints, `timm_families` for timm ones).
 """
 from __future__ import annotations
 
@@ -145,10 +147,12 @@ def create(family: str, variant: str, *, image_size: int | None = None, seed: in
 
 
 def load(spec: str, *, dtype=jnp.float32) -> Backbone:
-    """A pre-trained backbone from a Hugging Face checkpoint directory, or a hub name (needs the hub).
+    """A pre-trained backbone from a checkpoint directory, or a hub name (needs the hub).
 
-    The family comes from config.json's model_type; normalisation constants from
-    preprocessor_config.json when present, else the family's. Parameters are float32; `dtype` is the
+    A Hugging Face checkpoint (config.json with a `model_type`) or a timm one (config.json with an
+    `architecture`, e.g. the hub's "timm/eva02_base_patch14_224.mim_in22k"). The family comes from
+    that key; normalisation constants from preprocessor_config.json (Hugging Face) or the
+    `pretrained_cfg` (timm) when present, else the family's. Parameters are float32; `dtype` is the
     compute dtype. Raises ConversionError naming any checkpoint tensor that is missing, unused or
     mis-shaped.
     """
@@ -161,7 +165,7 @@ def load(spec: str, *, dtype=jnp.float32) -> Backbone:
     if normalisation is not None:
         cfg = dataclasses.replace(cfg, mean=normalisation[0], std=normalisation[1])
     tensors = hub.read_tensors(directory)
-    rules = fam.rules(cfg, fam.prefix(tensors))
+    rules = fam.conversion_rules(cfg, config, tensors)
     try:
         flat = convert.convert(tensors, rules, param_shapes(cfg), fam.ignored)
     except ConversionError as err:

@@ -1,9 +1,11 @@
-"""Strict conversion of a Hugging Face checkpoint (name -> NumPy tensor) into Flax parameters.
+"""Strict conversion of a PyTorch checkpoint (Hugging Face or timm; name -> NumPy tensor) to Flax parameters.
 
-Each family lists `Rule`s: one checkpoint tensor -> one Flax parameter path, with the layout change
-between PyTorch and Flax. `convert` applies them and fails, naming every offender, unless each
-checkpoint tensor is used (or deliberately ignored by the family, e.g. CLIP's text tower) and each
-Flax parameter is filled with a tensor of exactly its shape.
+Each family lists `Rule`s: one checkpoint tensor (or a few, concatenated: timm's separate SwiGLU
+gate and value projections) -> one Flax parameter path, with the layout change between PyTorch and
+Flax; one tensor may fill several parameters (timm's fused q/k/v projection). `convert` applies
+them and fails, naming every offender, unless each checkpoint tensor is used (or deliberately
+ignored by the family, e.g. CLIP's text tower) and each Flax parameter is filled with a tensor of
+exactly its shape.
 """
 from __future__ import annotations
 
@@ -22,11 +24,18 @@ class ConversionError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Checkpoint tensor `hf` becomes the Flax parameter at `path` after `transform`."""
+    """Checkpoint tensor `hf` becomes the Flax parameter at `path` after `transform`.
 
-    hf: str
+    `hf` may be a tuple of names: `transform` then receives those tensors, in order.
+    """
+
+    hf: str | tuple[str, ...]
     path: Path
-    transform: Callable[[np.ndarray], np.ndarray] = np.asarray
+    transform: Callable[..., np.ndarray] = np.asarray
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.hf,) if isinstance(self.hf, str) else tuple(self.hf)
 
 
 # Layout changes, PyTorch -> Flax.
@@ -53,6 +62,21 @@ def heads_out(heads: int) -> Callable[[np.ndarray], np.ndarray]:
 def conv_kernel(w: np.ndarray) -> np.ndarray:
     """Conv2d weight [D, C, kh, kw] -> patch kernel [kh, kw, C, D]."""
     return w.transpose(2, 3, 1, 0)
+
+
+def part(index: int, parts: int, then: Callable[[np.ndarray], np.ndarray] = np.asarray):
+    """Part `index` of `parts` equal parts along axis 0, then `then` (e.g. q of a fused q/k/v weight)."""
+    def take(t: np.ndarray) -> np.ndarray:
+        if t.shape[0] % parts:
+            raise ValueError(f"cannot split a tensor of shape {t.shape} into {parts} equal parts")
+        size = t.shape[0] // parts
+        return then(t[index * size:(index + 1) * size])
+    return take
+
+
+def concat_rows(*tensors: np.ndarray) -> np.ndarray:
+    """Tensors concatenated along axis 0 (e.g. separate gate and value projections -> one fused one)."""
+    return np.concatenate(tensors, axis=0)
 
 
 def vector(t: np.ndarray) -> np.ndarray:
@@ -125,23 +149,30 @@ def convert(
     """
     problems, flat, used, reported = [], {}, set(), set()
     for rule in rules:
-        if rule.hf not in tensors:
-            problems.append(f"missing checkpoint tensor {rule.hf!r} (for parameter {'/'.join(rule.path)})")
+        missing = [n for n in rule.sources if n not in tensors]
+        problems += [f"missing checkpoint tensor {n!r} (for parameter {'/'.join(rule.path)})" for n in missing]
+        used.update(n for n in rule.sources if n in tensors)  # so that a partner of a missing one is not "unused"
+        if missing:
             reported.add(rule.path)
             continue
-        used.add(rule.hf)
+        source = " + ".join(f"{n!r}" for n in rule.sources)
         if rule.path not in shapes:
-            problems.append(f"rule maps {rule.hf!r} to unknown parameter {'/'.join(rule.path)}")
+            problems.append(f"rule maps {source} to unknown parameter {'/'.join(rule.path)}")
             continue
         if rule.path in flat:
-            problems.append(f"parameter {'/'.join(rule.path)} is filled twice (second time from {rule.hf!r})")
+            problems.append(f"parameter {'/'.join(rule.path)} is filled twice (second time from {source})")
             continue
-        value = np.asarray(rule.transform(np.asarray(tensors[rule.hf])), np.float32)
+        shapes_in = " + ".join(f"{n!r} {tuple(np.shape(tensors[n]))}" for n in rule.sources)
+        try:
+            value = np.asarray(rule.transform(*(np.asarray(tensors[n]) for n in rule.sources)), np.float32)
+        except ValueError as err:  # e.g. a fused tensor that does not split, tensors that do not concatenate
+            reported.add(rule.path)
+            problems.append(f"cannot convert {shapes_in} to parameter {'/'.join(rule.path)}: {err}")
+            continue
         if tuple(value.shape) != tuple(shapes[rule.path]):
             reported.add(rule.path)
-            problems.append(
-                f"shape mismatch: {rule.hf!r} {tuple(np.shape(tensors[rule.hf]))} gives {tuple(value.shape)}, "
-                f"but parameter {'/'.join(rule.path)} has shape {tuple(shapes[rule.path])}")
+            problems.append(f"shape mismatch: {shapes_in} gives {tuple(value.shape)}, "
+                            f"but parameter {'/'.join(rule.path)} has shape {tuple(shapes[rule.path])}")
             continue
         flat[rule.path] = value
     skip = [re.compile(p) for p in ignored]

@@ -1,71 +1,21 @@
-"""The registry of backbone families: variant tables, HF config parsing, and checkpoint-name rules.
+"""The registry of backbone families, and the Hugging Face ones: variant tables, config parsing, rules.
 
-A family knows (1) its named sizes for random initialisation, (2) how to read a Hugging Face
-`config.json` into a `ViTConfig` (without importing transformers, hence torch: the HF defaults for
-keys a config may omit are copied here), and (3) which checkpoint tensor fills which Flax parameter.
-Checkpoint names are those `save_pretrained` writes and the hub hosts (the "legacy" layout, e.g.
+`FAMILIES` holds every family: those here, which load Hugging Face `transformers` checkpoints
+(chosen by config.json's `model_type`), and those of `timm_families`, which load timm checkpoints
+(chosen by config.json's `architecture`). See `family.Family` for what a family knows.
+Hugging Face checkpoint names are those `save_pretrained` writes and the hub hosts (the "legacy" layout, e.g.
 `attention.attention.query`), which transformers 5 renames only in memory.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 from jdd.backbones import convert as cv
+from jdd.backbones import timm_families
+from jdd.backbones.family import TEST_SIZE as _TEST_SIZE
+from jdd.backbones.family import TEST_VARIANT, Family
+from jdd.backbones.family import square as _square
 from jdd.backbones.vit import CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, SWIGLU, ViTConfig
-
-TEST_VARIANT = "test"
-# (width, depth, heads, mlp_dim, patch_size, image_size); "test" is a tiny stand-in for fast tests.
-_TEST_SIZE = (32, 2, 2, 64, 8, 32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """One backbone family.
-
-    base: ViTConfig fields shared by all its variants; variants: name -> size tuple
-    (width, depth, heads, mlp_dim, patch_size, image_size) plus optional extra fields;
-    model_types: HF `model_type`s it loads; from_hf: config.json dict -> ViTConfig;
-    rules: (ViTConfig, tensor-name prefix) -> conversion rules; prefixes: where the vision tower
-    may sit in a checkpoint (tried in order, by `anchor`); ignored: regexes of tensors deliberately unused.
-    """
-
-    name: str
-    base: dict
-    variants: dict[str, tuple]
-    model_types: tuple[str, ...]
-    from_hf: Callable[[dict], ViTConfig]
-    rules: Callable[[ViTConfig, str], list[cv.Rule]]
-    anchor: str
-    prefixes: tuple[str, ...] = ("",)
-    ignored: tuple[str, ...] = ()
-
-    def config(self, variant: str, image_size: int | None = None) -> ViTConfig:
-        """The ViTConfig of a named variant, optionally with another native image size."""
-        if variant not in self.variants:
-            raise ValueError(f"unknown {self.name} variant {variant!r}; known: {sorted(self.variants)}")
-        width, depth, heads, mlp_dim, patch, size, *extra = self.variants[variant]
-        kwargs = dict(self.base, width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, patch_size=patch,
-                      image_size=size, **(extra[0] if extra else {}))
-        if image_size is not None:
-            kwargs["image_size"] = image_size
-        return ViTConfig(**kwargs)
-
-    def prefix(self, names) -> str:
-        """Where the vision tower sits among checkpoint tensor `names` ('' or e.g. 'vision_model.')."""
-        for prefix in self.prefixes:
-            if prefix + self.anchor in names:
-                return prefix
-        return self.prefixes[0]  # conversion then reports the missing tensors by name
-
-
-def _square(value, what: str) -> int:
-    """An HF size that may be an int or an [h, w] pair -> int; non-square is unsupported."""
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise ValueError(f"non-square {what} {value} is not supported")
-        value = value[0]
-    return int(value)
 
 
 def _sub_config(config: dict, key: str) -> dict:
@@ -315,7 +265,8 @@ SIGLIP = Family(
     prefixes=("vision_model.", ""), ignored=_TWO_TOWER_IGNORED,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (DINOV2, DINOV2_REGISTERS, DINO, CLIP, SIGLIP)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (DINOV2, DINOV2_REGISTERS, DINO, CLIP, SIGLIP,
+                                                    *timm_families.FAMILIES)}
 
 
 def family_named(name: str) -> Family:
@@ -326,11 +277,22 @@ def family_named(name: str) -> Family:
 
 
 def family_of_config(config: dict) -> Family:
-    """The family that loads a HF config.json dict, chosen by its `model_type`."""
+    """The family that loads a config.json dict: by `model_type` (Hugging Face) or `architecture` (timm)."""
     model_type = config.get("model_type")
+    if model_type is None and "architecture" in config:
+        return _timm_family(config["architecture"])
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
     known = sorted(t for f in FAMILIES.values() for t in f.model_types)
     raise ValueError(f"config.json has model_type {model_type!r}, which no backbone family loads; "
-                     f"supported model types: {known}")
+                     f"supported model types: {known} (or a timm config.json with an \"architecture\")")
+
+
+def _timm_family(architecture: str) -> Family:
+    for family in FAMILIES.values():
+        if architecture in family.architectures:
+            return family
+    known = sorted(a for f in FAMILIES.values() for a in f.architectures)
+    raise ValueError(f"timm config.json has architecture {architecture!r}, which no backbone family loads; "
+                     f"supported timm architectures: {known}")

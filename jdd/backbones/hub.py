@@ -1,7 +1,8 @@
 """From a backbone spec (a local checkpoint directory or a hub name) to its config and tensors.
 
-A Hugging Face checkpoint directory holds `config.json` and the weights as `model.safetensors`
-(or shards listed in `model.safetensors.index.json`), or as a `pytorch_model.bin` pickle. Safetensors
+A Hugging Face or timm checkpoint directory holds `config.json` and the weights as `model.safetensors`
+(or shards listed in `model.safetensors.index.json`), or as a `pytorch_model.bin` pickle. timm's
+hub repos are plain hub repos ("timm/<model>.<tag>"; timm's own "hf-hub:" prefix is accepted). Safetensors
 are read with NumPy; torch is imported only to unpickle `.bin` files.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 HUB_FILES = [CONFIG, PREPROCESSOR, "*.safetensors", SAFETENSORS_INDEX, "pytorch_model*.bin", PICKLE_INDEX]
 HUB_TIMEOUT_S = 10.0
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
+TIMM_HUB_PREFIX = "hf-hub:"  # how timm names hub models, e.g. "hf-hub:timm/eva02_base_patch14_224.mim_in22k"
 
 
 def resolve(spec: str) -> pathlib.Path:
@@ -31,11 +33,14 @@ def resolve(spec: str) -> pathlib.Path:
     local directory instead, when a hub name cannot be fetched (e.g. offline).
     """
     path = pathlib.Path(spec).expanduser()
+    if spec.startswith(TIMM_HUB_PREFIX) and not path.exists():
+        spec = spec[len(TIMM_HUB_PREFIX):]
+        path = pathlib.Path(spec)
     if path.exists() or not _REPO_ID.match(spec) or spec.startswith("."):
         if not path.is_dir():
             raise FileNotFoundError(f"backbone checkpoint directory {path} does not exist")
         if not (path / CONFIG).is_file():
-            raise FileNotFoundError(f"{path} has no {CONFIG}: pass a Hugging Face checkpoint directory "
+            raise FileNotFoundError(f"{path} has no {CONFIG}: pass a Hugging Face or timm checkpoint directory "
                                     f"(config.json + {SAFETENSORS} or {PICKLE})")
         return path
     return _download(spec)

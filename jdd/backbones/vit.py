@@ -1,9 +1,11 @@
 """The one Flax Vision Transformer behind every backbone family, configured by `ViTConfig`.
 
 The families differ only in switches of the config: class token and registers, layer scale, the
-MLP activation (or SwiGLU), a layernorm before the encoder (CLIP), where the final layernorm applies
-(all tokens, or the class token only as in CLIP), and how the probe embedding is pooled (normed
-class token, its linear projection, or SigLIP's multi-head attention pooling).
+MLP activation (or SwiGLU), a key projection without bias and sub-layernorms inside attention and
+MLP (EVA), rotary position embeddings (EVA-02), a layernorm before the encoder (CLIP), where the
+final layernorm applies (all tokens, the class token only as in CLIP, or the average-pooled patch
+tokens as timm's `fc_norm`), and how the probe embedding is pooled (normed class token, its linear
+projection, the patch mean, or SigLIP's multi-head attention pooling).
 
 Parameters are always float32; `dtype` is the compute dtype. Inputs are NHWC images in [0, 1]; the
 family's mean/std normalisation happens inside.
@@ -17,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdd.backbones import posemb
+from jdd.backbones import posemb, rope
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,7 +48,9 @@ ACTIVATIONS = {
     "swish": jax.nn.silu,
 }
 SWIGLU = "swiglu"
-FINAL_NORMS = ("tokens", "cls")  # layernorm over all output tokens, or over the class token only
+# The final layernorm: over all output tokens, over the class token only (CLIP), or over the
+# average of the patch tokens (timm's fc_norm; then also over the class token, for features["cls"]).
+FINAL_NORMS = ("tokens", "cls", "pooled")
 POOLS = ("cls", "proj", "map", "patch_mean")  # what `features["embedding"]` is
 
 
@@ -69,6 +73,12 @@ class ViTConfig:
     num_registers: int = 0
     layer_scale: bool = False
     qkv_bias: bool = True
+    key_bias: bool = True  # False: with qkv_bias, only query and value have a bias (EVA)
+    attn_norm: bool = False  # layernorm on the attention output before its projection (timm scale_attn_inner)
+    mlp_norm: bool = False  # layernorm on the MLP hidden activations before fc2 (EVA-02 B/L, timm scale_mlp)
+    rope: bool = False  # rotary position embeddings on the patch tokens' queries and keys (EVA-02)
+    rope_temperature: float = 10000.0
+    rope_ref_grid: tuple[int, int] | None = None  # rotary positions rescaled to this grid (timm ref_feat_shape)
     patch_bias: bool = True
     pre_norm: bool = False
     final_norm: str = "tokens"
@@ -92,6 +102,10 @@ class ViTConfig:
             raise ValueError("pool='proj' needs projection_dim > 0")
         if self.pool in ("cls", "proj") and not self.class_token:
             raise ValueError(f"pool={self.pool!r} needs a class token")
+        if self.final_norm == "pooled" and self.pool != "patch_mean":
+            raise ValueError("final_norm='pooled' normalises the patch mean: it needs pool='patch_mean'")
+        if self.rope and (self.width // self.heads) % 4:
+            raise ValueError(f"rotary embeddings need a head size divisible by 4, got {self.width // self.heads}")
 
     @property
     def grid(self) -> int:
@@ -109,17 +123,25 @@ def _dense(features, name, dtype, use_bias=True, axis=-1):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; q/k/v kernels [D, H, hd], output kernel [H, hd, D]."""
+    """Multi-head self-attention; q/k/v kernels [D, H, hd], output kernel [H, hd, D].
+
+    rope_sin_cos: (sin, cos) [N, hd] rotary tables of the last N tokens (the patches), or None.
+    """
 
     cfg: ViTConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rope_sin_cos=None) -> jax.Array:
         cfg = self.cfg
         head_dim = cfg.width // cfg.heads
-        q, k, v = (_dense((cfg.heads, head_dim), n, self.dtype, cfg.qkv_bias)(x) for n in ("query", "key", "value"))
+        bias = {"query": cfg.qkv_bias, "key": cfg.qkv_bias and cfg.key_bias, "value": cfg.qkv_bias}
+        q, k, v = (_dense((cfg.heads, head_dim), n, self.dtype, bias[n])(x) for n in ("query", "key", "value"))
+        if rope_sin_cos is not None:
+            q, k = (rope.apply_to_patches(t, *rope_sin_cos) for t in (q, k))
         out = attention(q, k, v)
+        if cfg.attn_norm:  # over all heads together, as one [D] vector per token
+            out = nn.LayerNorm(cfg.ln_eps, dtype=self.dtype, name="norm")(out.reshape(x.shape)).reshape(out.shape)
         return _dense(cfg.width, "out", self.dtype, axis=(-2, -1))(out)
 
 
@@ -163,7 +185,10 @@ def _largest_divisor_at_most(n: int, bound: int) -> int:
 
 
 class Mlp(nn.Module):
-    """Two-layer MLP; with SWIGLU, one fused input kernel [D, 2 * mlp_dim] = [gate | up]."""
+    """Two-layer MLP; with SWIGLU, one fused input kernel [D, 2 * mlp_dim] = [gate | up].
+
+    With cfg.mlp_norm, a layernorm over the hidden activations comes before fc2.
+    """
 
     cfg: ViTConfig
     dtype: Any = jnp.float32
@@ -176,6 +201,8 @@ class Mlp(nn.Module):
             h = jax.nn.silu(gate) * up
         else:
             h = ACTIVATIONS[cfg.act](_dense(cfg.mlp_dim, "fc1", self.dtype)(x))
+        if cfg.mlp_norm:
+            h = nn.LayerNorm(cfg.ln_eps, dtype=self.dtype, name="norm")(h)
         return _dense(cfg.width, "fc2", self.dtype)(h)
 
 
@@ -197,10 +224,10 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rope_sin_cos=None) -> jax.Array:
         cfg = self.cfg
         ln = lambda name: nn.LayerNorm(cfg.ln_eps, dtype=self.dtype, name=name)  # noqa: E731
-        y = Attention(cfg, self.dtype, name="attn")(ln("norm1")(x))
+        y = Attention(cfg, self.dtype, name="attn")(ln("norm1")(x), rope_sin_cos)
         if cfg.layer_scale:
             y = LayerScale(self.dtype, name="ls1")(y)
         x = x + y
@@ -238,10 +265,16 @@ class MapHead(nn.Module):
 
 
 class ViT(nn.Module):
-    """images [B, H, W, 3] in [0, 1] -> dict of features (see `__call__`)."""
+    """images [B, H, W, 3] in [0, 1] -> dict of features (see `__call__`).
+
+    remat: recompute each block's activations in the backward pass instead of storing them
+    (`nn.remat`): the memory of a gradient through the encoder drops to about one block's worth,
+    for about one more forward. Same numbers either way.
+    """
 
     cfg: ViTConfig
     dtype: Any = jnp.float32
+    remat: bool = False
 
     def embed(self, images: jax.Array) -> jax.Array:
         """Normalised images -> [B, T, D] tokens: [class] + [registers] + patches, with positions."""
@@ -275,26 +308,41 @@ class ViT(nn.Module):
         """Returns float32 features:
 
         cls [B, D]: the class token after the final layernorm (families with a class token);
-        patch_mean [B, D]: mean of the patch tokens of last_hidden_state;
-        embedding [B, E]: the probe feature (normed class token, its projection, or attention pooling);
-        last_hidden_state [B, T, D]: as `transformers` returns it (CLIP: before the post-layernorm).
+        patch_mean [B, D]: mean of the patch tokens of last_hidden_state (final_norm "pooled": that
+            mean after the final layernorm, timm's pooled features);
+        embedding [B, E]: the probe feature (normed class token, its projection, the patch mean, or
+            attention pooling);
+        last_hidden_state [B, T, D]: as `transformers` returns it (CLIP: before the post-layernorm),
+            or timm's `forward_features` (final_norm "pooled": before the final layernorm).
         """
         cfg = self.cfg
         ln = lambda name: nn.LayerNorm(cfg.ln_eps, dtype=self.dtype, name=name)  # noqa: E731
         x = self.embed(images)
         if cfg.pre_norm:
             x = ln("pre_norm")(x)
+        rope_sin_cos = None
+        if cfg.rope:  # built in NumPy from the static grid shape, at trace time
+            grid = (images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size)
+            rope_sin_cos = rope.sin_cos(cfg.width // cfg.heads, grid, cfg.rope_temperature, cfg.rope_ref_grid)
+        block = nn.remat(Block) if self.remat else Block
         for i in range(cfg.depth):
-            x = Block(cfg, self.dtype, name=f"block_{i}")(x)
+            x = block(cfg, self.dtype, name=f"block_{i}")(x, rope_sin_cos)
         features = {}
+        first_patch = int(cfg.class_token) + cfg.num_registers
+        patches = lambda t: jnp.mean(t[:, first_patch:].astype(jnp.float32), axis=1)  # noqa: E731
         if cfg.final_norm == "tokens":
             x = ln("norm")(x)
             if cfg.class_token:
                 features["cls"] = x[:, 0]
-        else:
+            features["patch_mean"] = patches(x)
+        elif cfg.final_norm == "cls":
             features["cls"] = ln("norm")(x[:, 0])
-        first_patch = int(cfg.class_token) + cfg.num_registers
-        features["patch_mean"] = jnp.mean(x[:, first_patch:].astype(jnp.float32), axis=1)
+            features["patch_mean"] = patches(x)
+        else:
+            norm = ln("norm")
+            if cfg.class_token:
+                features["cls"] = norm(x[:, 0])
+            features["patch_mean"] = norm(patches(x))
         features["last_hidden_state"] = x
         if cfg.pool == "cls":
             features["embedding"] = features["cls"]
