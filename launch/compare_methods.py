@@ -65,8 +65,11 @@ def step_memory_mb(s) -> float:
 
 
 def _steady_s_per_step(workdir: str) -> float:
+    """Seconds per step between the first and the last logged step of the latest (resumed) run."""
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl")) if line.strip()]
     logged = [(r["step"], r["time"]) for r in rows if "loss" in r]
+    restarts = [i for i in range(1, len(logged)) if logged[i][0] <= logged[i - 1][0]]
+    logged = logged[restarts[-1]:] if restarts else logged  # a restarted run appends to metrics.jsonl
     (s0, t0), (s1, t1) = logged[0], logged[-1]
     return (t1 - t0) / (s1 - s0)
 
@@ -121,6 +124,7 @@ def plot(rows, path: str) -> None:
     ax.bar(names, [r["top1"] for r in rows], yerr=[r["std"] for r in rows], capsize=3,
            color=["0.6" if n.startswith("centroid") else "C0" for n in names])
     ax.set_ylabel("probe top-1 (%)")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
