@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdd import config as jc, distill, parallel, step as step_lib
+from jdd import distill, parallel, step as step_lib
 
 
 def _time(fn, *args, repeats: int):
@@ -38,7 +38,7 @@ def _memory_mb(jitted, *args) -> float:
     return total / 2**20
 
 
-def _config(method: str, args, remat: bool = False) -> "ml_collections.ConfigDict":
+def _config(method: str, args, remat: bool = False):
     cfg_mod = {"clp": "configs/imagenette_dinov2s_clp.py", "lgm": "configs/imagenette_dinov2s_lgm.py"}[method]
     import importlib.util
     spec = importlib.util.spec_from_file_location("cfg", cfg_mod)

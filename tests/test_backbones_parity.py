@@ -17,6 +17,7 @@ import jax  # noqa: E402
 
 import jdd.backbones as bb  # noqa: E402
 from jdd.backbones import vit  # noqa: E402
+from _parity import perturbed, rel_diff  # noqa: E402
 
 RTOL = 1e-4
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32)
@@ -72,21 +73,6 @@ CASES = {
     "siglip": Case(lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**TINY, intermediate_size=64)),
                    vit.HALF, vit.HALF, _siglip_forward),
 }
-
-
-def perturbed(model, seed=0, scale=0.2):
-    """The model with N(0, scale^2) noise added to every parameter, in eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
-def rel_diff(a, b) -> float:
-    """max |a - b| / max |b|."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def reference(model, forward, images, mean, std, interpolate):

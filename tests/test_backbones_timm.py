@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import _timm_shim
+from _parity import perturbed, rel_diff
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,23 +47,6 @@ CASES = {
     "vit_options": ("vit_base_patch16_224", dict(global_pool="avg", no_embed_class=True, init_values=0.5,
                                                  qkv_bias=False)),
 }
-
-
-def perturbed(model, seed=0, scale=0.2):
-    """The model with N(0, scale^2) noise added to every parameter, in eval mode."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
-def rel_diff(a, b) -> float:
-    """max |a - b| / max |b|."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def timm_features(model, images: np.ndarray, mean, std) -> dict:
