@@ -95,7 +95,7 @@ def validate(config, train, backbone, mesh) -> None:
 
 
 def load_backbone(spec: str, dtype: str):
-    """A Hugging Face checkpoint (dir or hub name), or ``random:FAMILY/VARIANT`` (random init, for tests)."""
+    """A Hugging Face or timm checkpoint (dir or hub name), or ``random:FAMILY/VARIANT`` (random init, for tests)."""
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"backbone.dtype must be one of {sorted(dtypes)}, got {dtype!r}")
