@@ -100,8 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
         shard_state_mb=64.0,   # per-image state leaves (pyramid levels, their Adam moments, soft labels)
                                # of at least this many MiB are split over the devices, not replicated
     )
-    c.budget_minutes = 0.0     # > 0: stop the optimisation after this much wall time (from the start of
-                               # the run: caches and compilation count), checkpoint and export there
+    c.budget_minutes = 0.0     # > 0: stop the optimisation at the first logging step after this much
+                               # wall time (caches and compilation count), checkpoint and export there
     c.log_every = 50
     c.ckpt_every = 500
     c.keep_ckpts = 3

@@ -79,3 +79,15 @@ def make_imagefolder(root: pathlib.Path, *, counts: dict, seed: int, size=(40, 4
                 img = np.clip(img + 0.3 * rng.random(img.shape), 0, 1)
                 Image.fromarray((img * 255).astype(np.uint8)).save(d / f"{i}.png")
     return str(root)
+
+
+TINY_CONFIG = REPO / "tests" / "configs" / "tiny.py"
+
+
+def load_tiny_config():
+    """The tests/configs/tiny.py module (call its get_config("k=v,...") for a seconds-sized run)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

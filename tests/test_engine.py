@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import make_imagefolder
+from conftest import load_tiny_config, make_imagefolder
 from jdd import distill
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -22,11 +22,7 @@ def tiny_data(tmp_path_factory):
 
 
 def _load_tiny():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tiny_config()
 
 
 def images_of(workdir):
@@ -207,3 +203,13 @@ def test_label_only_baseline_keeps_the_images(tiny_data, tmp_path):
         cfg.syn.learn_labels = False
     with pytest.raises(ValueError, match="nothing to learn"):
         distill.run(cfg, str(tmp_path / "bad"))
+
+
+def test_budget_stops_at_a_logging_step_and_exports(tiny_data, tmp_path):
+    cfg = _load_tiny().get_config(f"data={tiny_data},steps=6")
+    cfg.budget_minutes = 1e-9  # already spent at the first logging step (log_every = 2)
+    distill.run(cfg, str(tmp_path))
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == [2]
+    assert (tmp_path / "distilled.npz").exists()
+    assert sorted(os.listdir(tmp_path / "checkpoints"))[-1].endswith("2")

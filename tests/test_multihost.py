@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import make_imagefolder
+from conftest import load_tiny_config, make_imagefolder
 from jdd import distill, parallel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -117,11 +117,7 @@ def run_single_host_script(config: str, workdir, *flags, timeout: float = TIMEOU
 
 
 def _load_tiny():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tiny_config()
 
 
 def _checkpoint_metadata(path):

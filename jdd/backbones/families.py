@@ -46,14 +46,19 @@ def _dinov2_from_hf(config: dict, patch_default: int, registers: bool) -> ViTCon
         pos_antialias=registers, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def _dinov2_rules(cfg: ViTConfig, p: str) -> list[cv.Rule]:
-    rules = [
+def _embedding_rules(p: str) -> list[cv.Rule]:
+    """Class token, positions, patch projection and final layernorm: the same in HF DINOv2 and ViT."""
+    return [
         cv.Rule(f"{p}embeddings.cls_token", ("cls_token",), cv.vector),
         cv.Rule(f"{p}embeddings.position_embeddings", ("pos_embedding",), cv.rows),
         cv.Rule(f"{p}embeddings.patch_embeddings.projection.weight", ("patch_kernel",), cv.conv_kernel),
         cv.Rule(f"{p}embeddings.patch_embeddings.projection.bias", ("patch_bias",)),
         *cv.layernorm(f"{p}layernorm", ("norm",)),
     ]
+
+
+def _dinov2_rules(cfg: ViTConfig, p: str) -> list[cv.Rule]:
+    rules = _embedding_rules(p)
     if cfg.num_registers:
         rules.append(cv.Rule(f"{p}embeddings.register_tokens", ("registers",), cv.rows))
     for i in range(cfg.depth):
@@ -111,13 +116,7 @@ def _vit_from_hf(config: dict) -> ViTConfig:
 
 
 def _vit_rules(cfg: ViTConfig, p: str) -> list[cv.Rule]:
-    rules = [
-        cv.Rule(f"{p}embeddings.cls_token", ("cls_token",), cv.vector),
-        cv.Rule(f"{p}embeddings.position_embeddings", ("pos_embedding",), cv.rows),
-        cv.Rule(f"{p}embeddings.patch_embeddings.projection.weight", ("patch_kernel",), cv.conv_kernel),
-        cv.Rule(f"{p}embeddings.patch_embeddings.projection.bias", ("patch_bias",)),
-        *cv.layernorm(f"{p}layernorm", ("norm",)),
-    ]
+    rules = _embedding_rules(p)
     for i in range(cfg.depth):
         h, b = f"{p}encoder.layer.{i}", (f"block_{i}",)
         attn = {k: f"{h}.attention.attention.{k}" for k in ("query", "key", "value")}
