@@ -301,11 +301,14 @@ def _call_op(name: str, key, image, *, opts: dict):
     return OPS[name](key, image, **{k: v for k, v in opts.items() if k in _op_options(name)})
 
 
-def _check_ops(ops: str | Sequence[str]) -> tuple[str, ...]:
-    ops = (ops,) if isinstance(ops, str) else tuple(ops)
+def parse_ops(ops: str | Sequence[str]) -> tuple[str, ...]:
+    """Op names from a config string ``"flip,rrc,noise"`` (or a sequence), checked against OPS."""
+    if isinstance(ops, str):
+        ops = [o.strip() for o in ops.split(",")]
+    ops = tuple(o for o in ops if o)
     unknown = [name for name in ops if name not in OPS]
     if unknown:
-        raise ValueError(f"unknown augmentation op(s) {unknown}; known ops: {sorted(OPS)}")
+        raise ValueError(f"unknown augmentation op(s) {unknown} in augment.ops; known ops: {sorted(OPS)}")
     return ops
 
 
@@ -321,7 +324,7 @@ def augment(key, images, ops: str | Sequence[str] = ("flip", "rrc", "noise"), *,
     ratio_cutout, ratio_scale, ratio_rotate); an option no selected op takes is an error, raised at
     trace time like an unknown op name.
     """
-    ops = _check_ops(ops)
+    ops = parse_ops(ops)
     accepted = frozenset().union(*(_op_options(name) for name in ops))
     stray = sorted(set(dsa_opts) - accepted)
     if stray:

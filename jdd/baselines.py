@@ -1,18 +1,10 @@
 """Real-image baselines for a distilled set, and the full-dataset ceiling.
 
-Selections return indices into the training split; evaluation reuses `jdd.probe` (same protocol as a
+Selections (`jdd.selection`) return indices into the training split; evaluation reuses `jdd.probe` (same protocol as a
 distilled set). Features are the cached train features (eval preprocessing: resize + centre crop).
 
-- random: `ipc` images per class drawn without replacement; draw d uses `numpy.random.default_rng(d)`
-  (LGM reports seeds 0-4). Reported over draws x probe seeds, and per draw.
-- centroid: as in LGM's `baselines/centroids.py`, the real image whose feature is nearest (Euclidean,
-  raw features) the class-mean feature. For ipc > 1 the default is greedy herding (Welling 2009, as in
-  iCaRL): the k-th pick minimises ||mean_c - mean(picked + x)||, so the picks' mean tracks the class mean
-  (pick 1 is the nearest to the mean); "nearest" takes the ipc images nearest the mean instead, which
-  tend to be near-duplicates.
-- neighbour: for each distilled image, the real image of the same class whose feature is nearest its
-  feature (soft labels: the arg-max class). Two distilled images may share a neighbour; it is kept twice,
-  so the set keeps the distilled set's size and labels.
+- random / centroid / neighbour: the selections of `jdd.selection` (see there), probed with the same
+  protocol; random is reported over draws x probe seeds, and per draw.
 - full: multinomial logistic regression on all cached train features, standardised per dimension with
   the train mean/std (an affine map: still a linear probe of the raw features; it speeds L-BFGS up):
   full-batch L-BFGS (optax, zoom line search) on mean cross-entropy + l2/2 ||W||^2 (bias free), zero
@@ -25,8 +17,6 @@ distilled set). Features are the cached train features (eval preprocessing: resi
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
 from typing import Callable
 
@@ -37,74 +27,7 @@ import numpy as np
 import optax
 
 from jdd import probe
-
-
-# ----------------------------------------------------------------------------------------- selections
-
-def _class_members(train_labels, num_classes: int, ipc: int) -> list[np.ndarray]:
-    labels = np.asarray(train_labels)
-    members = [np.flatnonzero(labels == c) for c in range(num_classes)]
-    small = [(c, len(m)) for c, m in enumerate(members) if len(m) < ipc]
-    if small:
-        listed = ", ".join(f"class {c} has {k}" for c, k in small[:5]) + (", ..." if len(small) > 5 else "")
-        raise ValueError(f"ipc={ipc} is more than some classes hold ({listed}); lower ipc")
-    return members
-
-
-def random_indices(train_labels, num_classes: int, ipc: int, seed: int) -> np.ndarray:
-    """int [C*ipc]: ipc random images of each class (class-major order), without replacement."""
-    rng = np.random.default_rng(seed)
-    members = _class_members(train_labels, num_classes, ipc)
-    return np.concatenate([rng.choice(m, ipc, replace=False) for m in members]).astype(np.int64)
-
-
-def centroid_indices(train_feats, train_labels, num_classes: int, ipc: int,
-                     method: str = "herding") -> np.ndarray:
-    """int [C*ipc]: per class, the images nearest its mean feature ("nearest") or herded ("herding")."""
-    if method not in ("herding", "nearest"):
-        raise ValueError(f"centroid method {method!r} is unknown; use 'herding' or 'nearest'")
-    feats = np.asarray(train_feats, np.float64)
-    out = []
-    for m in _class_members(train_labels, num_classes, ipc):
-        x = feats[m]
-        mu = x.mean(0)
-        if method == "nearest":
-            out.append(m[np.argsort(np.linalg.norm(x - mu, axis=1), kind="stable")[:ipc]])
-            continue
-        picked, total = [], np.zeros_like(mu)
-        free = np.ones(len(m), bool)
-        for k in range(1, ipc + 1):
-            dist = np.linalg.norm(mu - (total + x) / k, axis=1)
-            dist[~free] = np.inf
-            i = int(np.argmin(dist))
-            picked.append(i)
-            free[i] = False
-            total += x[i]
-        out.append(m[np.array(picked)])
-    return np.concatenate(out).astype(np.int64)
-
-
-def neighbour_indices(train_feats, train_labels, query_feats, query_labels) -> np.ndarray:
-    """int [M]: for each query, the training image of the same class with the nearest feature."""
-    feats = np.asarray(train_feats, np.float64)
-    labels = np.asarray(train_labels)
-    q = np.asarray(query_feats, np.float64)
-    ql = np.asarray(query_labels)
-    if ql.ndim == 2:
-        ql = ql.argmax(1)
-    if q.ndim != 2 or q.shape[1] != feats.shape[1] or len(ql) != len(q):
-        raise ValueError(f"query features {q.shape} / labels {ql.shape} do not match train features "
-                         f"[N, {feats.shape[1]}]")
-    out = np.empty(len(q), np.int64)
-    for c in np.unique(ql):
-        m = np.flatnonzero(labels == c)
-        if len(m) == 0:
-            raise ValueError(f"class {c} has distilled images but no training images")
-        rows = np.flatnonzero(ql == c)
-        x = feats[m]
-        d2 = (q[rows] ** 2).sum(1)[:, None] - 2.0 * q[rows] @ x.T + (x ** 2).sum(1)[None]
-        out[rows] = m[np.argmin(d2, axis=1)]
-    return out
+from jdd.selection import centroid_indices, neighbour_indices, random_indices
 
 
 # ----------------------------------------------------------------------------------------- full dataset
@@ -291,35 +214,3 @@ def run_baselines(key, *, train_feats, train_labels, test_feats, test_labels, nu
         out["full"] = full_dataset_probe(full_key, train_feats, train_labels, test_feats, test_labels,
                                          num_classes=num_classes, cfg=full_cfg, meta=meta)
     return out
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.ndarray, jax.Array)):
-        return _jsonable(np.asarray(x).tolist())
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
-def write_results(path_dir, results: dict, meta: dict | None = None) -> tuple[str, str]:
-    """Writes {name: result dict} to path_dir/results.json and a markdown table results.md; returns paths."""
-    os.makedirs(path_dir, exist_ok=True)
-    jpath, mpath = os.path.join(path_dir, "results.json"), os.path.join(path_dir, "results.md")
-    with open(jpath, "w") as f:
-        json.dump(_jsonable({"meta": meta or {}, "results": results}), f, indent=1)
-    lines = [f"- {k}: {v}" for k, v in (meta or {}).items()]
-    lines += [""] if lines else []
-    lines += ["| method | top-1 (%) | std | runs | per seed | backbone | protocol | wall (s) |",
-              "|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        seeds = r["top1_per_seed"]
-        shown = ", ".join(f"{v:.2f}" for v in seeds[:10]) + (", ..." if len(seeds) > 10 else "")
-        lines.append(f"| {name} | {r['top1_mean']:.2f} | {r['top1_std']:.2f} | {len(seeds)} | {shown} | "
-                     f"{r.get('backbone', '')} | {r['protocol'].get('name', '')} | {r['wall_time_s']:.1f} |")
-    with open(mpath, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return jpath, mpath

@@ -7,9 +7,28 @@ arguments (``"ipc=10,runlocal"``).
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from jdd import methods
+
+
+def load_module(path: str):
+    """The Python module of a config file (``configs/NAME.py``), loaded by path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file at {path}; pass a path like configs/imagenette_dinov2s_clp.py")
+    name = "jdd_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of the config file at ``path``: what ``--config=path:arg`` gives the CLI."""
+    return load_module(path).get_config(arg)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -73,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
         decorrelate=True,      # fixed colour-decorrelation matrix before the sigmoid (LGM)
         init="noise",          # "noise", "real" (random real images) or "centroid" (nearest the class means)
         lr=2e-3,               # Adam learning rate of the image parameters
+        lr_warmup=0,           # steps of linear learning-rate warm-up from 0 (every optimiser; 0 = none)
+        param_lr=0.0,          # Adam lr of the method's own parameters; 0 = the method's default, else lr
+        adv_lr=0.0,            # Adam lr of the method's adversary (ascent); 0 = the method's default, else lr
         reset_opt_on_grow=True,  # LGM resets Adam when a pyramid level is added
         learn_images=True,     # False + learn_labels: the label-only baseline (images fixed, labels learned)
         learn_labels=False,    # learnable soft labels (softmax of logits)
@@ -100,6 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
         shard_state_mb=64.0,   # per-image state leaves (pyramid levels, their Adam moments, soft labels)
                                # of at least this many MiB are split over the devices, not replicated
     )
+    c.resume_allow = ""        # config keys (comma-separated, e.g. "syn.lr") that may differ from the
+                               # checkpoints' config when resuming (e.g. after a non-finite loss)
     c.budget_minutes = 0.0     # > 0: stop the optimisation at the first logging step after this much
                                # wall time (caches and compilation count), checkpoint and export there
     c.log_every = 50
@@ -114,11 +138,12 @@ def base_config() -> ml_collections.ConfigDict:
         seeds=5,
         baselines=False,       # also evaluate random / centroid / neighbour real images and the full probe
         backbone="",           # evaluate with another backbone (cross-backbone transfer); "" = the same
-        test_batch=256,
         track_every=0,         # every N steps, score the current set with the fast probe on the train
                                # split (metric "track_top1"; 0 = off); cheap: one forward of the set
         track_seeds=2,
         keep_best=False,       # export the tracked-best set instead of the last one (needs track_every)
+        patience=0,            # stop early after this many tracks without a new best (0 = never;
+                               # needs track_every); the budget is not spent after the peak
     )
     return c
 

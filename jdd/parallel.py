@@ -163,11 +163,6 @@ def batch_map(fn: Callable, mesh: Mesh) -> Callable:
     return jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
 
 
-def constrain_batch(x: Any, mesh: Mesh) -> Any:
-    """Asks XLA to keep a global-view batch split over devices (inside jit)."""
-    return jax.lax.with_sharding_constraint(x, batch_sharded(mesh))
-
-
 def state_shardings(tree: Any, mesh: Mesh, *, rows: int, min_bytes: int) -> Any:
     """Where each leaf of the distillation state lives: a pytree of ``NamedSharding`` like ``tree``.
 

@@ -32,7 +32,11 @@ from jdd.methods import Method
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """Everything static about a step: shapes, names and hyper-parameters (hashable)."""
+    """The single description of the compiled step: shapes, names and hyper-parameters (hashable).
+
+    Built once from the config by :func:`make_spec`; nothing below reads the config again, so what
+    the step computes is exactly what this record says.
+    """
     num_classes: int
     ipc: int
     syn_param: str
@@ -44,28 +48,49 @@ class StepSpec:
     augment_real: bool
     learn_labels: bool
     learn_images: bool        # False: the label-only baseline (images stay as initialised)
-    real_source: str          # "backbone" | "cache"
+    real_source: str          # "backbone" | "cache" | "none" (the method needs no real features)
     real_per_class: int       # real images (or cached rows) per class each step
     accum_chunks: int         # the synthetic copies go through the backbone in this many chunks
     feature: str
+    method_cfg: ml_collections.FrozenConfigDict  # the method's own hyper-parameters
+    syn_lr: float             # Adam learning rates: images, soft-label logits, the method's own
+    label_lr: float           # parameters (minimised) and its adversary (maximised)
+    param_lr: float
+    adv_lr: float
+    lr_warmup: int            # steps of linear warm-up of every learning rate (0 = none)
+    decorrelate: bool         # synset option shared by init and decode
+    extent: int               # pyramid: steps between added levels
+    grow_mode: str
+    reset_opt_on_grow: bool
+    label_init_temp: float
 
     @property
     def num_images(self) -> int:
         return self.num_classes * self.ipc
 
+    @property
+    def synset_opts(self) -> dict:
+        """Parametrisation options shared by init and decode."""
+        return {"decorrelate": self.decorrelate}
 
-def make_spec(config: ml_collections.ConfigDict, num_classes: int) -> StepSpec:
-    aug = config.augment
+
+def make_spec(config: ml_collections.ConfigDict, num_classes: int, method: Method) -> StepSpec:
+    """The step's description from a run config (the only place the step's settings are read)."""
+    aug, syn = config.augment, config.syn
     opts = dict(rrc_scale=tuple(aug.rrc_scale), noise_std=aug.noise_std)
-    per_class = config.real.per_class or config.syn.ipc * aug.copies
+    per_class = config.real.per_class or syn.ipc * aug.copies
+    real_source = config.real.source if method.needs_real else "none"
     return StepSpec(
-        num_classes=num_classes, ipc=config.syn.ipc, syn_param=config.syn.param,
-        syn_res=config.syn.res, crop_res=config.data.crop_res, copies=aug.copies,
-        aug_ops=tuple(o.strip() for o in aug.ops.split(",") if o.strip()),
-        aug_opts=tuple(sorted(opts.items())), augment_real=aug.augment_real,
-        learn_labels=config.syn.learn_labels, learn_images=config.syn.learn_images, real_source=config.real.source,
-        real_per_class=per_class, accum_chunks=config.augment.accum_chunks,
-        feature=config.backbone.feature)
+        num_classes=num_classes, ipc=syn.ipc, syn_param=syn.param,
+        syn_res=syn.res, crop_res=config.data.crop_res, copies=aug.copies,
+        aug_ops=augment.parse_ops(aug.ops), aug_opts=tuple(sorted(opts.items())),
+        augment_real=aug.augment_real, learn_labels=syn.learn_labels, learn_images=syn.learn_images,
+        real_source=real_source, real_per_class=per_class, accum_chunks=aug.accum_chunks,
+        feature=config.backbone.feature, method_cfg=ml_collections.FrozenConfigDict(config.method),
+        syn_lr=syn.lr, label_lr=syn.label_lr, param_lr=syn.param_lr or method.param_lr or syn.lr,
+        adv_lr=syn.adv_lr or method.adv_lr or syn.lr, lr_warmup=syn.lr_warmup,
+        decorrelate=syn.decorrelate, extent=syn.extent, grow_mode=syn.grow_mode,
+        reset_opt_on_grow=syn.reset_opt_on_grow, label_init_temp=syn.label_init_temp)
 
 
 def syn_class_labels(spec: StepSpec) -> jax.Array:
@@ -73,63 +98,70 @@ def syn_class_labels(spec: StepSpec) -> jax.Array:
     return jnp.repeat(jnp.arange(spec.num_classes, dtype=jnp.int32), spec.ipc)
 
 
-def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-    """Adam on images (syn.lr), soft labels (syn.label_lr) and method params; Adam ascent on `adv`."""
-    method_lr = config.method.get("param_lr", config.syn.lr)
+def _adam(lr: float, warmup: int) -> optax.GradientTransformation:
+    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup else lr
+    return optax.adam(schedule)
+
+
+def make_optimizers(spec: StepSpec) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """Adam on images (syn_lr), soft labels (label_lr) and method params (param_lr); Adam ascent on `adv`."""
+    w = spec.lr_warmup
     params_opt = optax.multi_transform(
-        {"syn": optax.adam(config.syn.lr), "labels": optax.adam(config.syn.label_lr),
-         "method": optax.adam(method_lr)},
+        {"syn": _adam(spec.syn_lr, w), "labels": _adam(spec.label_lr, w), "method": _adam(spec.param_lr, w)},
         {"syn": "syn", "labels": "labels", "method": "method"})
-    adv_lr = config.method.get("adv_lr", config.syn.lr)
-    return params_opt, optax.adam(adv_lr)
+    return params_opt, _adam(spec.adv_lr, w)
 
 
-def init_state(key, spec: StepSpec, config, *, method: Method, feat_dim: int,
-               init_images: jax.Array | None) -> dict:
+def init_state(key, spec: StepSpec, *, method: Method, feat_dim: int, init_images: jax.Array | None) -> dict:
     """A fresh state at step 0 (``init_images`` [M, res, res, 3] in [0, 1] for real-image init)."""
     k_syn, k_method = jax.random.split(key)
     syn = synsets.init(spec.syn_param, k_syn, num_images=spec.num_images, res=spec.syn_res,
-                       init_images=init_images, **synset_opts(config))
+                       init_images=init_images, **spec.synset_opts)
     labels = {}
     if spec.learn_labels:
         onehot = jax.nn.one_hot(syn_class_labels(spec), spec.num_classes)
-        labels = onehot / config.syn.label_init_temp
-    mparams = method.init_params(k_method, feat_dim, spec.num_classes, config.method)
+        labels = onehot / spec.label_init_temp
+    mparams = method.init_params(k_method, feat_dim, spec.num_classes, spec.method_cfg)
     params = {"syn": syn, "labels": labels, "method": mparams["min"]}
-    params_opt, adv_opt = make_optimizers(config)
+    params_opt, adv_opt = make_optimizers(spec)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "adv": mparams["max"],
             "opt": {"params": params_opt.init(params), "adv": adv_opt.init(mparams["max"])},
             "rng": key}
-
-
-def synset_opts(config) -> dict:
-    """Parametrisation options shared by init and decode."""
-    return {"decorrelate": config.syn.decorrelate}
 
 
 # Tag folded into the run key for the random parts of pyramid growth (distinct from step keys).
 _GROW_TAG = 0x67726F77
 
 
-def grow(state: dict, config, spec: StepSpec, step: int) -> dict:
+def grow(state: dict, spec: StepSpec, step: int) -> dict:
     """Adds a pyramid level when due at ``step``; resets (LGM) or carries over the image Adam state."""
     opts = {}
     if spec.syn_param == "pyramid":
         # Most steps add nothing: decide on the host before deriving a key (a device op per step).
-        due = synsets.num_levels(step, res=spec.syn_res, extent=config.syn.extent)
+        due = synsets.num_levels(step, res=spec.syn_res, extent=spec.extent)
         if due <= len(state["params"]["syn"]["levels"]):
             return state
         key = jax.random.fold_in(jax.random.fold_in(state["rng"], _GROW_TAG), step)
-        opts = {"mode": config.syn.grow_mode, "key": key}
+        opts = {"mode": spec.grow_mode, "key": key}
     syn, changed = synsets.grow(spec.syn_param, state["params"]["syn"], step=step, res=spec.syn_res,
-                                extent=config.syn.extent, **opts)
+                                extent=spec.extent, **opts)
     if not changed:
         return state
     params = dict(state["params"], syn=syn)
-    params_opt, _ = make_optimizers(config)
+    params_opt, _ = make_optimizers(spec)
     fresh = params_opt.init(params)
-    opt = fresh if config.syn.reset_opt_on_grow else _carry_over(state["opt"]["params"], fresh)
+    opt = fresh if spec.reset_opt_on_grow else _carry_over(state["opt"]["params"], fresh)
     return dict(state, params=params, opt=dict(state["opt"], params=opt))
+
+
+def state_at(key, spec: StepSpec, step: int, *, method: Method, feat_dim: int,
+             init_images: jax.Array | None) -> dict:
+    """A state with the structure (pyramid levels, optimiser state) of ``step`` (values from init):
+    the target a checkpoint of that step is restored into."""
+    state = init_state(key, spec, method=method, feat_dim=feat_dim, init_images=init_images)
+    for t in range(step):
+        state = grow(state, spec, t)
+    return state
 
 
 def _carry_over(old, new):
@@ -177,11 +209,12 @@ def _augment_copies(key, images, copy_ids, spec: StepSpec) -> jax.Array:
     return out.reshape(-1, *out.shape[2:])
 
 
-def make_loss_and_grad(spec: StepSpec, config, method: Method, encode: Callable) -> Callable:
+def make_loss_and_grad(spec: StepSpec, method: Method, encode: Callable) -> Callable:
     """f(params, adv, consts, bb_params, real, key) -> ((loss, aux), (grad_params, grad_adv)).
 
     ``encode(bb_params, images) -> features`` is the device-parallel backbone (parallel.batch_map).
-    ``real`` is {"image": [N, h, w, 3], "label": [N]} or, in cache mode, the cache arrays.
+    ``real`` is {"image": [N, h, w, 3], "label": [N]}, in cache mode the cache arrays, or {} when
+    the method needs no real features (``spec.real_source == "none"``).
 
     With ``spec.accum_chunks = K > 1`` the synthetic copies go through the backbone in K chunks, in
     two passes, and only one chunk's activations are alive at a time: (1) features of every chunk,
@@ -189,8 +222,8 @@ def make_loss_and_grad(spec: StepSpec, config, method: Method, encode: Callable)
     chunk, the backbone's vector-Jacobian product with that gradient, accumulated in a ``lax.scan``.
     Exact for every method (the loss sees all features at once), at the cost of one extra forward.
     """
-    sopts = synset_opts(config)
-    mcfg = config.method
+    sopts = spec.synset_opts
+    mcfg = spec.method_cfg
     k_chunks = spec.accum_chunks
     per_chunk = spec.copies // k_chunks
 
@@ -201,6 +234,8 @@ def make_loss_and_grad(spec: StepSpec, config, method: Method, encode: Callable)
         return encode(bb_params, _augment_copies(k_syn, images, copy_ids, spec))
 
     def real_feats(bb_params, real, k_real):
+        if spec.real_source == "none":
+            return {}
         if spec.real_source == "cache":
             return sample_cache(k_real, real, spec)
         x = real["image"]
@@ -244,10 +279,20 @@ def make_loss_and_grad(spec: StepSpec, config, method: Method, encode: Callable)
     return loss_and_grad
 
 
-def make_step(spec: StepSpec, config, method: Method, encode: Callable) -> Callable:
-    """step(state, consts, bb_params, real) -> (state, metrics); pure, to be jitted by the caller."""
-    loss_and_grad = make_loss_and_grad(spec, config, method, encode)
-    params_opt, adv_opt = make_optimizers(config)
+def all_finite(tree) -> jax.Array:
+    """True when every float leaf of ``tree`` is finite (a scalar bool, computed on device)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_step(spec: StepSpec, method: Method, encode: Callable) -> Callable:
+    """step(state, consts, bb_params, real) -> (state, metrics); pure, to be jitted by the caller.
+
+    ``metrics["finite"]`` is 1 when the loss and the whole new state are finite: the loop checks it
+    before any checkpoint is written, so a non-finite state is never saved.
+    """
+    loss_and_grad = make_loss_and_grad(spec, method, encode)
+    params_opt, adv_opt = make_optimizers(spec)
 
     def step(state, consts, bb_params, real):
         key = jax.random.fold_in(state["rng"], state["step"])
@@ -258,9 +303,11 @@ def make_step(spec: StepSpec, config, method: Method, encode: Callable) -> Calla
         neg = jax.tree.map(jnp.negative, g_adv)
         updates, opt_a = adv_opt.update(neg, state["opt"]["adv"], state["adv"])
         adv = optax.apply_updates(state["adv"], updates)
-        metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(g_params["syn"]))
         new = dict(state, step=state["step"] + 1, params=params, adv=adv,
                    opt={"params": opt_p, "adv": opt_a})
+        finite = all_finite((loss, new["params"], new["adv"]))
+        metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(g_params["syn"]),
+                       finite=finite.astype(jnp.float32))
         return new, metrics
 
     return step

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdd import distill, parallel, step as step_lib
+from jdd import config as jc, context, distill, loop, parallel, step as step_lib
 
 
 def _time(fn, *args, repeats: int):
@@ -40,11 +40,7 @@ def _memory_mb(jitted, *args) -> float:
 
 def _config(method: str, args, remat: bool = False):
     cfg_mod = {"clp": "configs/imagenette_dinov2s_clp.py", "lgm": "configs/imagenette_dinov2s_lgm.py"}[method]
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cfg", cfg_mod)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(f"data={args.data},backbone={args.backbone}")
+    c = jc.from_file(cfg_mod, f"data={args.data},backbone={args.backbone}")
     c.parallel.num_devices = 1
     c.data.real_res, c.data.crop_res = round(args.res * 8 / 7), args.res
     c.syn.res = args.res
@@ -57,19 +53,18 @@ def _config(method: str, args, remat: bool = False):
 
 def bench(method: str, args, remat: bool = False) -> dict:
     c = _config(method, args, remat)
-    s = distill.setup(c, "/tmp/jdd_bench_engine")
-    spec = step_lib.make_spec(c, s.train.num_classes)
+    s = context.build(c, "/tmp/jdd_bench_engine")
+    spec = s.spec
     mesh = s.mesh
     feat_dim = s.backbone.embed_dim
-    state = parallel.replicate(step_lib.init_state(jax.random.PRNGKey(0), spec, c, method=s.method,
+    state = parallel.replicate(step_lib.init_state(jax.random.PRNGKey(0), spec, method=s.method,
                                                    feat_dim=feat_dim, init_images=None), mesh)
     bb = parallel.replicate(s.backbone.params, mesh)
-    encode = parallel.batch_map(lambda p, x: s.backbone.apply(p, x)[c.backbone.feature], mesh)
-    step = jax.jit(step_lib.make_step(spec, c, s.method, encode))
+    step = loop.jitted_step(spec, s.method, mesh, s.embed, donate=False)
     n_real = spec.real_per_class * spec.num_classes
     if c.real.source == "cache":
-        cache = distill.feature_cache(s, s.train, c.data.train_split)
-        real = parallel.replicate(distill._cache_arrays(cache, spec.num_classes), mesh)
+        cache = distill.train_cache(s)
+        real = parallel.replicate(loop.cache_arrays(cache, spec.num_classes), mesh)
     else:
         real = {"image": jnp.asarray(np.random.default_rng(0).random((n_real, c.data.crop_res, c.data.crop_res, 3),
                                                                       np.float32)),

@@ -15,23 +15,19 @@ labels only (the label-only baseline). Writes <workdir>/compare.md and compare.p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 
 import jax
 import numpy as np
 
-from jdd import config as jc, distill, methods, parallel, step as step_lib
+from jdd import config as jc, context, distill, loop, methods, step as step_lib
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "imagenette_dinov2s_clp.py")
 
 
 def method_config(method: str, args):
-    spec = importlib.util.spec_from_file_location("cfg", CONFIG)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(f"data={args.data},backbone={args.backbone}")
+    c = jc.from_file(CONFIG, f"data={args.data},backbone={args.backbone}")
     with c.unlocked():
         jc.set_method(c, method)
     c.steps = args.steps
@@ -49,16 +45,17 @@ def method_config(method: str, args):
 def step_memory_mb(s) -> float:
     """XLA's memory analysis of the compiled step of this run's config (one more compile, no run)."""
     c, spec = s.config, s.spec
-    state = distill._state_at(s, 0, jax.random.PRNGKey(c.seed), s.backbone.embed_dim)  # as the run starts
+    state = step_lib.init_state(jax.random.PRNGKey(c.seed), spec, method=s.method, feat_dim=s.backbone.embed_dim,
+                                init_images=None)  # as the run starts (the values do not matter here)
     consts = {}
-    if s.method.prepare is not None:  # shapes only matter; a few cached rows are enough
-        cache = distill.feature_cache(s, s.train, c.data.train_split)
+    if s.method.prepare is not None:  # shapes only matter
+        cache = distill.train_cache(s)
         consts = s.method.prepare(jax.random.PRNGKey(1), np.asarray(cache.view(0)), cache.labels,
-                                  spec.num_classes, c.method)
-    cache = distill.feature_cache(s, s.train, c.data.train_split, views=c.real.cache_views)
-    real = distill._cache_arrays(cache, spec.num_classes)
-    encode = parallel.batch_map(lambda p, x: s.backbone.apply(p, x)[c.backbone.feature], s.mesh)
-    step = jax.jit(step_lib.make_step(spec, c, s.method, encode))
+                                  spec.num_classes, spec.method_cfg)
+    real = {}
+    if spec.real_source == "cache":
+        real = loop.cache_arrays(distill.train_cache(s, views=c.real.cache_views), spec.num_classes)
+    step = loop.jitted_step(spec, s.method, s.mesh, s.embed, donate=False)
     m = step.lower(state, consts, s.backbone.params, real).compile().memory_analysis()
     return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
             - m.alias_size_in_bytes) / 2**20
@@ -83,7 +80,7 @@ def run_one(method: str, args, labels_only: bool = False) -> dict:
     workdir = os.path.join(args.workdir, name.replace(" ", "_").replace("(", "").replace(")", ""))
     results = distill.run(c, workdir)
     res = next(iter(results.values()))
-    s = distill.setup(c, workdir)
+    s = context.build(c, workdir)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl")) if line.strip()]
     tracked = [r["track_top1"] for r in rows if "track_top1" in r]
     return {"method": name, "top1": res["top1_mean"], "std": res["top1_std"], "protocol": res["protocol"]["name"],

@@ -222,19 +222,19 @@ def compiled_bytes(backbone, *, method: str, num_classes: int, ipc: int, copies:
     c.real.source = "backbone" if method == "lgm" else "cache"
     c.real.per_class = real_per_class
     meth = methods.get(method)
-    spec = step_lib.make_spec(c, num_classes)
+    spec = step_lib.make_spec(c, num_classes, meth)
     mesh = parallel.make_mesh(devices)
     feature = c.backbone.feature
     encode = parallel.batch_map(lambda p, x: backbone.apply(p, x)[feature], mesh)
-    step = step_lib.make_step(spec, c, meth, encode)
+    step = step_lib.make_step(spec, meth, encode)
     levels = len(synsets.level_resolutions(syn_res))
 
     def full_state(key):  # the state at the end of the run: every pyramid level present
-        st = step_lib.init_state(key, spec, c, method=meth, feat_dim=backbone.embed_dim, init_images=None)
+        st = step_lib.init_state(key, spec, method=meth, feat_dim=backbone.embed_dim, init_images=None)
         syn = synsets.init("pyramid", key, num_images=spec.num_images, res=syn_res, levels=levels,
-                           **step_lib.synset_opts(c))
+                           **spec.synset_opts)
         params = dict(st["params"], syn=syn)
-        popt, _ = step_lib.make_optimizers(c)
+        popt, _ = step_lib.make_optimizers(spec)
         return dict(st, params=params, opt=dict(st["opt"], params=popt.init(params)))
 
     state = jax.eval_shape(full_state, jax.random.PRNGKey(0))

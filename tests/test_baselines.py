@@ -5,18 +5,18 @@ import jax
 import numpy as np
 import pytest
 
-from jdd import baselines, probe
+from jdd import baselines, probe, results, selection
 
 
 def test_random_indices_per_class_distinct_and_seeded():
     labels = np.repeat(np.arange(4), [5, 6, 7, 8])
-    a = baselines.random_indices(labels, 4, 3, seed=0)
+    a = selection.random_indices(labels, 4, 3, seed=0)
     assert a.shape == (12,) and len(set(a)) == 12
     np.testing.assert_array_equal(labels[a], np.repeat(np.arange(4), 3))  # class-major
-    np.testing.assert_array_equal(a, baselines.random_indices(labels, 4, 3, seed=0))
-    assert not np.array_equal(a, baselines.random_indices(labels, 4, 3, seed=1))
+    np.testing.assert_array_equal(a, selection.random_indices(labels, 4, 3, seed=0))
+    assert not np.array_equal(a, selection.random_indices(labels, 4, 3, seed=1))
     with pytest.raises(ValueError, match=r"ipc=6 is more than .*class 0 has 5\)"):
-        baselines.random_indices(labels, 4, 6, seed=0)
+        selection.random_indices(labels, 4, 6, seed=0)
 
 
 def _planted():
@@ -36,11 +36,11 @@ def _planted():
 
 def test_centroid_nearest_and_herding_pick_the_known_items():
     feats, labels, pos = _planted()
-    near = baselines.centroid_indices(feats, labels, 3, 3, method="nearest")
-    herd = baselines.centroid_indices(feats, labels, 3, 3, method="herding")
+    near = selection.centroid_indices(feats, labels, 3, 3, method="nearest")
+    herd = selection.centroid_indices(feats, labels, 3, 3, method="herding")
     np.testing.assert_array_equal(near, [pos[(c, o)] for c in range(3) for o in (0.0, 1.0, 1.2)])
     np.testing.assert_array_equal(herd, [pos[(c, o)] for c in range(3) for o in (0.0, 1.0, -2.2)])
-    one = baselines.centroid_indices(feats, labels, 3, 1)  # LGM's centroid: nearest to the class mean
+    one = selection.centroid_indices(feats, labels, 3, 1)  # LGM's centroid: nearest to the class mean
     np.testing.assert_array_equal(one, [pos[(c, 0.0)] for c in range(3)])
 
 
@@ -49,7 +49,7 @@ def test_neighbour_is_the_nearest_image_of_the_same_class():
     queries = np.stack([feats[pos[(0, 1.2)]] + 0.01, feats[pos[(2, -2.2)]] - 0.01, feats[pos[(1, 1.0)]]])
     # the third query sits on a class-1 image but is labelled class 0 (soft label, arg-max 0)
     qlabels = np.array([[1.0, 0, 0], [0, 0, 1.0], [0.6, 0.4, 0]])
-    got = baselines.neighbour_indices(feats, labels, queries, qlabels)
+    got = selection.neighbour_indices(feats, labels, queries, qlabels)
     d0 = {o: np.linalg.norm(feats[pos[(0, o)]] - queries[2]) for o in (0.0, 1.0, 1.2, -2.2)}
     assert got[0] == pos[(0, 1.2)] and got[1] == pos[(2, -2.2)]
     assert got[2] == pos[(0, min(d0, key=d0.get))] and labels[got[2]] == 0
@@ -131,13 +131,13 @@ def test_run_baselines_features_mode_and_write_results(tmp_path):
     assert out["random"]["top1_mean"] == pytest.approx(np.mean(pooled))
     assert out["neighbour"]["indices"] == [0, 45, 90, 1, 46, 91]
     # same probe key for every image set: the centroid entry equals a direct evaluation
-    idx = baselines.centroid_indices(xtr, ytr, 3, 2)
+    idx = selection.centroid_indices(xtr, ytr, 3, 2)
     direct = probe.evaluate_features(jax.random.split(key)[0], xtr[idx], ytr[idx], xte, yte, num_classes=3,
                                      cfg=cfg)
     assert out["centroid"]["top1_per_seed"] == direct["top1_per_seed"]
     assert out["centroid"]["indices"] == idx.tolist() and out["centroid"]["backbone"] == "toy"
 
-    jpath, mpath = baselines.write_results(tmp_path, out, meta={"dataset": "toy"})
+    jpath, mpath = results.write_results(tmp_path, out, meta={"dataset": "toy"})
     saved = json.loads(open(jpath).read())
     assert saved["meta"] == {"dataset": "toy"}
     assert saved["results"]["full"]["top1_mean"] == out["full"]["top1_mean"]

@@ -35,6 +35,11 @@ class Method:
       init_params: `(key, feat_dim, num_classes, cfg) -> {"min": pytree, "max": pytree}`.
       prepare: `(key, real_feats [N, D], real_labels [N], num_classes, cfg) -> consts` one-off set-up
         from cached real features, or None (consts = {}).
+      param_lr, adv_lr: the method's own learning rates for its minimised / maximised parameters
+        (None: the images' learning rate); ``syn.param_lr`` / ``syn.adv_lr`` override them.
+      needs_real: False when `loss` reads only `consts` and the synthetic features (the real side is
+        summarised once by `prepare`), so a step need not sample or encode a real batch; `loss` then
+        accepts `real` None or empty.
     """
 
     name: str
@@ -42,6 +47,9 @@ class Method:
     default_config: Callable[[], ml_collections.ConfigDict]
     init_params: Callable = no_params
     prepare: Callable | None = None
+    needs_real: bool = True
+    param_lr: float | None = None  # Adam lr of params["min"]; None = the images' syn.lr
+    adv_lr: float | None = None    # Adam lr of the ascent on params["max"]; None = syn.lr
 
 
 def check_choice(method: str, field: str, value, choices: Iterable) -> None:

@@ -49,7 +49,6 @@ def default_config() -> ml_collections.ConfigDict:
         "t_var": 1.0,          # variance of the sampler's input noise.
         "normalize": True,     # L2-normalise features (official).
         "scale": 1.0,          # loss multiplier (official: 300).
-        "adv_lr": 1e-3,        # Adam lr of the sampler's ascent, read by jdd.step (official: 1e-3).
     })
 
 
@@ -127,4 +126,5 @@ def loss(params, consts, key, syn, real, cfg):
     return value, {}
 
 
-METHOD = base.Method(name=NAME, loss=loss, default_config=default_config, init_params=init_params)
+# The sampler ascends at 1e-3 (official), whatever the images' learning rate.
+METHOD = base.Method(name=NAME, loss=loss, default_config=default_config, init_params=init_params, adv_lr=1e-3)

@@ -1,0 +1,90 @@
+"""Evaluators: given a set (or a way to pick real images), return numbers. They never import the run.
+
+- :func:`tracker`: the in-run quality curve, the fast probe scored on the cached **train** split,
+  so that looking at the curve or keeping the best set by it never selects on test data;
+- :func:`evaluate_set`: the linear-probe protocol (``jdd.probe``) of a distilled set on the test split;
+- :func:`evaluate_baselines`: random / centroid / neighbour real images and the full-data probe
+  (``jdd.baselines``), under the same protocol.
+
+Inputs are arrays and functions: features of whole splits (``FeatureCache.view(0)`` and labels), the
+embedding function of a backbone (``probe.embedder``), and the probe settings of :func:`probe_config`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jdd import baselines, probe
+
+log = logging.getLogger("jdd")
+
+
+def probe_config(eval_cfg: ml_collections.ConfigDict, crop_res: int) -> ml_collections.ConfigDict:
+    """The probe protocol (jdd.probe) with a run's ``eval`` settings; crops are fed at ``crop_res``."""
+    cfg = probe.probe_config()
+    cfg.mode = eval_cfg.mode
+    cfg.epochs = eval_cfg.epochs
+    cfg.seeds = eval_cfg.seeds
+    cfg.out_res = crop_res
+    return cfg
+
+
+def resize(images: np.ndarray, res: int) -> np.ndarray:
+    """Bilinear (antialiased) resize of [M, H, W, 3] to res x res, for un-augmented embedding."""
+    if images.shape[1] == res and images.shape[2] == res:
+        return images
+    return np.asarray(jax.image.resize(jnp.asarray(images), (images.shape[0], res, res, 3), "linear"))
+
+
+def _targets(distilled: dict) -> np.ndarray:
+    """Soft labels when the set has them, else the hard labels."""
+    soft = distilled.get("soft_labels")
+    return distilled["labels"] if soft is None else soft
+
+
+def tracker(key, train_feats, train_labels, embed: Callable, *, num_classes: int,
+            cfg: ml_collections.ConfigDict, seeds: int) -> Callable[[np.ndarray, np.ndarray], float]:
+    """``track(images [M, H, W, 3], labels [M] or [M, C]) -> top-1 %`` of the fast (features) probe
+    trained on the set and scored on ``train_feats`` [N, D] / ``train_labels`` [N]."""
+    feats, labels = jnp.asarray(train_feats), jnp.asarray(train_labels)
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.mode, cfg.seeds = "features", seeds
+
+    def track(images, syn_labels) -> float:
+        syn = probe.embed_images(embed, jnp.asarray(resize(images, cfg.out_res)), batch=cfg.embed_batch)
+        return probe.evaluate_features(key, syn, syn_labels, feats, labels, num_classes=num_classes,
+                                       cfg=cfg)["top1_mean"]
+    return track
+
+
+def evaluate_set(key, distilled: dict, embed: Callable, test_feats, test_labels, *, num_classes: int,
+                 cfg: ml_collections.ConfigDict, meta: dict | None = None) -> dict:
+    """The protocol's result (top1_mean/std, per seed, protocol, wall time) of a distilled set
+    {"images" [M, H, W, 3] in [0, 1], "labels" [M], optional "soft_labels" [M, C]}."""
+    images = np.asarray(distilled["images"], np.float32)
+    if cfg.mode == "features":
+        images = resize(images, cfg.out_res)
+    return probe.evaluate(key, images, _targets(distilled), embed, test_feats, test_labels,
+                          num_classes=num_classes, cfg=cfg, meta=meta)
+
+
+def evaluate_baselines(key, *, train_feats, train_labels, test_feats, test_labels, num_classes: int,
+                       ipc: int, embed: Callable, load_images: Callable, cfg: ml_collections.ConfigDict,
+                       distilled: dict | None = None, meta: dict | None = None) -> dict:
+    """{name: result} of the real-image baselines (and, given a distilled set, its nearest real
+    neighbours). ``load_images(indices [K]) -> images [K, h, w, 3]`` at the probe's resolution."""
+    kw = {}
+    if distilled is not None:
+        images = resize(np.asarray(distilled["images"], np.float32), cfg.out_res)
+        kw = dict(distilled_feats=np.asarray(probe.embed_images(embed, jnp.asarray(images),
+                                                                batch=cfg.embed_batch)),
+                  distilled_labels=np.asarray(distilled["labels"]))
+    return baselines.run_baselines(
+        key, train_feats=train_feats, train_labels=train_labels, test_feats=test_feats,
+        test_labels=test_labels, num_classes=num_classes, ipc=ipc, probe_cfg=cfg, embed_fn=embed,
+        load_images=load_images, meta=meta, **kw)

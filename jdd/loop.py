@@ -1,0 +1,308 @@
+"""The optimisation loop: state, jitted steps, checkpoints and resume, budget, early stop, export.
+
+``distill(...)`` runs (or resumes) the steps of one run and writes the distilled set. It knows
+nothing of evaluation: the optional ``score(images, labels) -> top-1 %`` it is handed (the tracking
+probe, built by the caller from ``jdd.evaluators``) is all it sees of it.
+
+A workdir that holds checkpoints is resumed automatically, replaying exactly the trajectory an
+uninterrupted run would have taken: per-step keys are ``fold_in(rng, step)`` and real batches are
+addressed by step. Every step reports whether the loss and the new state are finite; that flag is
+checked (accumulated on device, no extra host sync) before any checkpoint is written, so a
+non-finite state is never saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jdd import data, export, parallel, selection, step as step_lib, synsets, workdir as workdir_lib
+from jdd.checkpoint import Checkpointer
+
+log = logging.getLogger("jdd")
+
+# Config sections that may change between a run and its resumption: they do not change the trajectory.
+RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_ckpts", "png_every", "budget_minutes", "eval",
+                     "parallel", "resume_allow")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When the loop logs, checkpoints, tracks, stops and draws (the run config's loop settings)."""
+    steps: int
+    log_every: int
+    ckpt_every: int
+    keep_ckpts: int
+    png_every: int
+    budget_minutes: float
+    track_every: int
+    keep_best: bool
+    patience: int
+
+    @classmethod
+    def from_config(cls, c) -> "Schedule":
+        return cls(steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep_ckpts=c.keep_ckpts,
+                   png_every=c.png_every, budget_minutes=c.budget_minutes, track_every=c.eval.track_every,
+                   keep_best=c.eval.keep_best, patience=c.eval.patience)
+
+
+# ----------------------------------------------------------------------------------------- state
+
+def initial_images(init: str, source, *, ipc: int, res: int, real_res: int, crop_res: int, seed: int,
+                   train_feats=None, train_labels=None) -> np.ndarray | None:
+    """Initial images [M, res, res, 3] (class-major) or None for noise.
+
+    "real": random real images of each class; "centroid": the real images nearest each class-mean
+    feature (herding for ipc > 1; needs the cached ``train_feats`` / ``train_labels``), so the run
+    starts from the strongest real-image baseline and every step has to improve on it.
+    """
+    if init == "noise":
+        return None
+    if init == "centroid":
+        idx = selection.centroid_indices(train_feats, train_labels, source.num_classes, ipc)
+    else:
+        idx = data.class_samples(source, ipc, seed=seed).reshape(-1)
+    return data.load_images(source, idx, real_res=max(res, round(res * real_res / crop_res)),
+                            crop_res=res, train=False)
+
+
+def cache_arrays(cache, num_classes: int) -> dict:
+    """Device arrays for in-step sampling: rows sorted by class, with per-class offsets and counts."""
+    feats = np.asarray(cache.features)
+    if feats.ndim == 2:
+        feats = feats[:, None]
+    order = np.argsort(cache.labels, kind="stable")
+    counts = np.bincount(cache.labels, minlength=num_classes).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+    return {"feats": feats[order], "offsets": offsets, "counts": counts}
+
+
+def decode_set(spec: step_lib.StepSpec, state) -> dict:
+    """The distilled set on the host: images [M, res, res, 3] in [0, 1], labels [M], soft labels or None."""
+    params = parallel.to_host(state["params"])
+    images = synsets.decode(spec.syn_param, params["syn"], res=spec.syn_res, **spec.synset_opts)
+    soft = np.asarray(step_lib.syn_labels(params, spec)) if spec.learn_labels else None
+    return {"images": np.asarray(images), "labels": np.asarray(step_lib.syn_class_labels(spec)),
+            "soft_labels": soft}
+
+
+def run_meta(config) -> dict:
+    """What a checkpoint records of its run: the config."""
+    return {"config": json.loads(config.to_json_best_effort())}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(saved: dict, meta: dict, ckpt_dir: str, allow: tuple[str, ...] = ()) -> None:
+    """Refuses to resume with a config that would change the trajectory, except the keys in ``allow``
+    (e.g. ``syn.lr`` to continue a run with a lower learning rate)."""
+    skip = lambda k: any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES + tuple(allow))  # noqa: E731
+    now = {k: v for k, v in _flat(meta["config"]).items() if not skip(k)}
+    then = {k: v for k, v in _flat(saved.get("config", {})).items() if not skip(k)}
+    diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])
+        raise ValueError(f"the checkpoints in {ckpt_dir} were made with a different config ({shown}); use a "
+                         f"new --workdir, or allow the change with --config.resume_allow={','.join(diff)}")
+
+
+# ----------------------------------------------------------------------------------------- best set
+
+class _BestSet:
+    """With keep_best: the best tracked set so far in <workdir>/best.npz + best.json (survives resume)."""
+
+    def __init__(self, workdir: str, class_names, enabled: bool):
+        self.npz, self.json = os.path.join(workdir, "best.npz"), os.path.join(workdir, "best.json")
+        self.class_names, self.enabled = class_names, enabled
+        saved = workdir_lib.read_json_or_none(self.json) if os.path.exists(self.npz) else None
+        self.top1 = saved["top1"] if saved else -1.0
+        self.step = saved["step"] if saved else None
+
+    def offer(self, step: int, top1: float, the_set: dict) -> bool:
+        """Keeps ``the_set`` when it beats the best so far; returns whether it did."""
+        if top1 <= self.top1:
+            return False
+        self.top1, self.step = top1, step
+        if self.enabled and parallel.is_main_process():
+            export.save_npz(self.npz, the_set["images"], the_set["labels"], self.class_names,
+                            the_set["soft_labels"])
+            workdir_lib.atomic_write_json(self.json, {"step": step, "top1": top1})
+        return True
+
+    def load(self) -> dict:
+        out = export.load_npz(self.npz)
+        out.setdefault("soft_labels", None)
+        out.update(workdir_lib.read_json_or_none(self.json))
+        return out
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+def jitted_step(spec: step_lib.StepSpec, method, mesh, embed, *, shard_state_mb: float = 64.0,
+                donate: bool = True) -> Callable:
+    """The run's compiled step ``(state, consts, backbone params, real) -> (state, metrics)``.
+
+    ``embed`` is the run's ``probe.embedder``: its function is mapped over the devices' slices of
+    every batch. The new state lives where the old one did (split per-image leaves stay split).
+    """
+    encode = parallel.batch_map(embed.func, mesh)  # (backbone params, images) -> features, per device
+    step = step_lib.make_step(spec, method, encode)
+    min_bytes = int(shard_state_mb * 2**20)
+
+    def placed_step(state, consts, bb_params, real):
+        new, metrics = step(state, consts, bb_params, real)
+        shardings = parallel.state_shardings(new, mesh, rows=spec.num_images, min_bytes=min_bytes)
+        return jax.lax.with_sharding_constraint(new, shardings), metrics
+    return jax.jit(placed_step, donate_argnums=0 if donate else ())
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the synthetic state became NaN/inf; the last finite checkpoint is kept."""
+
+
+def _non_finite(step: int, last_ok: int, ckpt_step: int | None) -> NonFiniteError:
+    kept = (f"the checkpoint of step {ckpt_step} (finite) is kept" if ckpt_step else "no checkpoint was written")
+    return NonFiniteError(
+        f"the loss or the synthetic set became non-finite between steps {last_ok} and {step}; {kept}. "
+        "Continue it with a lower learning rate: rerun the same command with --config.syn.lr=<lower> "
+        "--config.resume_allow=syn.lr (or use a new --workdir)")
+
+
+def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, schedule: Schedule, meta: dict,
+            workdir: str, class_names: list[str], state_at: Callable[[int], dict], consts: Any = None,
+            real_cache: dict | None = None, batches: Callable[[int], Iterator] | None = None,
+            score: Callable[[np.ndarray, np.ndarray], float] | None = None, resume_allow: tuple[str, ...] = (),
+            shard_state_mb: float = 64.0, t_start: float | None = None) -> dict:
+    """Runs (or resumes) the optimisation; writes distilled.npz / distilled.png; returns the host set.
+
+    ``state_at(step)`` builds a state with the structure of ``step`` (the restore target);
+    ``embed`` is the run's ``probe.embedder`` (its function is mapped over the devices); the real
+    side is ``real_cache`` (``cache_arrays``, sampled in-step), ``batches(start_step)`` (an iterator
+    of this host's real batches) or neither (``spec.real_source == "none"``).
+    """
+    t_start = time.time() if t_start is None else t_start
+    main = parallel.is_main_process()
+    bb_params = parallel.replicate(backbone_params, mesh)
+    consts = parallel.replicate(consts or {}, mesh)
+    real_cache = parallel.replicate(real_cache, mesh) if real_cache is not None else None
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=schedule.ckpt_every, keep=schedule.keep_ckpts)
+    min_bytes = int(shard_state_mb * 2**20)
+    shardings = lambda st: parallel.state_shardings(st, mesh, rows=spec.num_images, min_bytes=min_bytes)  # noqa: E731
+
+    def target(step: int):
+        # Placed before restoring, so that orbax reads each device's part straight into place.
+        state = state_at(step)
+        return parallel.place(state, shardings(state))
+
+    # The newest readable checkpoint (a damaged one falls back to the one before, with a warning).
+    start, state, _ = ckpt.restore_latest(
+        target, meta_check=lambda saved: check_resumable(saved, meta, ckpt.directory, resume_allow))
+    if start is None:
+        start, state = 0, target(0)
+    else:
+        log.info("resumed from step %d in %s", start, ckpt.directory)
+    if main:  # rows logged after that checkpoint by an interrupted run are logged again below
+        workdir_lib.truncate_metrics(workdir, start)
+
+    step_fn = jitted_step(spec, method, mesh, embed, shard_state_mb=shard_state_mb)
+    real_iter = batches(start) if batches is not None else None
+    writer = export.MetricWriter(workdir, enabled=main)
+    bar = tqdm(total=schedule.steps, initial=start, desc="distil", disable=not main, dynamic_ncols=True)
+    best = _BestSet(workdir, class_names, enabled=schedule.keep_best)
+    # Tracks since the best one (tracks fall on multiples of track_every, so a resume recovers it).
+    stale = (start - best.step) // schedule.track_every if score and best.step is not None else 0
+    last = float("nan")  # the last tracked top-1
+
+    def track(done: int, state) -> float:
+        nonlocal stale, last
+        the_set = decode_set(spec, state)
+        last = float(score(the_set["images"], the_set["labels"] if the_set["soft_labels"] is None
+                           else the_set["soft_labels"]))
+        writer.write(done, {"track_top1": last})
+        stale = 0 if best.offer(done, last, the_set) else stale + 1
+        return last
+
+    if score and start == 0:
+        track(0, state)
+    t0, post, stop = time.time(), {}, None
+    ok, last_ok = jnp.array(True), start  # all steps since last_ok finite (on device)
+    for t in range(start, schedule.steps):
+        grown = step_lib.grow(state, spec, t)
+        if grown is not state:
+            state = parallel.place(grown, shardings(grown))
+        real = real_cache if real_iter is None else parallel.global_batch(next(real_iter), mesh)
+        state, metrics = step_fn(state, consts, bb_params, {} if real is None else real)
+        ok = jnp.logical_and(ok, metrics["finite"] > 0)
+        done = t + 1
+        logging_step = done % schedule.log_every == 0 or done == schedule.steps
+        if logging_step:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the only host sync
+            del m["finite"]
+            if not bool(ok) or not np.isfinite(m["loss"]):
+                raise _non_finite(done, last_ok, ckpt.latest_step())
+            last_ok = done
+            m["steps_per_s"] = (done - start) / (time.time() - t0)
+            writer.write(done, m)
+            post["loss"] = f"{m['loss']:.4g}"
+            bar.set_postfix(post)
+        bar.update(1)
+        if score and (done % schedule.track_every == 0 or done == schedule.steps):
+            post["train_probe"] = f"{track(done, state):.1f}%"
+            bar.set_postfix(post)
+            if schedule.patience and stale >= schedule.patience:
+                stop = (f"no better train-split probe in {stale} tracks since step {best.step}; stopping "
+                        f"early at step {done}")
+        # Checked on logging steps only (where the host syncs anyway), so that several processes
+        # agree on process 0's clock without a collective every step.
+        if (schedule.budget_minutes > 0 and logging_step
+                and parallel.broadcast_flag(time.time() - t_start > 60 * schedule.budget_minutes)):
+            stop = (f"budget of {schedule.budget_minutes:.1f} min reached after step {done} of {schedule.steps}; "
+                    "exporting this state (a rerun with a larger budget resumes from here)")
+        force = done == schedule.steps or stop is not None
+        if force or ckpt.should_save(done):
+            if not bool(ok):  # a checkpoint syncs anyway; never write a non-finite state
+                raise _non_finite(done, last_ok, ckpt.latest_step())
+            last_ok = done
+            ckpt.save(done, state, meta, force=force)
+        if schedule.png_every and done % schedule.png_every == 0:
+            the_set = decode_set(spec, state)  # on every process: a split state is gathered
+            if main:
+                export.grid_png(os.path.join(workdir, "distilled.png"), the_set["images"], the_set["labels"],
+                                class_names)
+        if stop:
+            log.warning(stop)
+            if score and done % schedule.track_every:
+                track(done, state)
+            break
+    bar.close()
+    ckpt.close()
+    writer.close()
+    out = decode_set(spec, state)
+    if schedule.keep_best and score:
+        kept = best.load()
+        log.info("keeping the set of step %d (train-split probe %.2f%%); the last step scored %.2f%%",
+                 kept["step"], kept["top1"], last)
+        out = {k: kept.get(k) for k in ("images", "labels", "soft_labels")}
+    if main:
+        export.save_npz(os.path.join(workdir, "distilled.npz"), out["images"], out["labels"], class_names,
+                        out["soft_labels"])
+        export.grid_png(os.path.join(workdir, "distilled.png"), out["images"], out["labels"], class_names)
+        export.loss_plot(workdir)
+    return out

@@ -1,0 +1,88 @@
+"""Real-image selections from a training split: random, class centroid (herding), nearest neighbour.
+
+Each returns indices into the training split, class-major where per class. They need only the cached
+train features (eval preprocessing: resize + centre crop) and labels, so the distillation's init path
+and the baselines share them without either importing the other.
+
+- random: `ipc` images per class drawn without replacement; draw d uses `numpy.random.default_rng(d)`
+  (LGM reports seeds 0-4).
+- centroid: as in LGM's `baselines/centroids.py`, the real image whose feature is nearest (Euclidean,
+  raw features) the class-mean feature. For ipc > 1 the default is greedy herding (Welling 2009, as in
+  iCaRL): the k-th pick minimises ||mean_c - mean(picked + x)||, so the picks' mean tracks the class mean
+  (pick 1 is the nearest to the mean); "nearest" takes the ipc images nearest the mean instead, which
+  tend to be near-duplicates.
+- neighbour: for each distilled image, the real image of the same class whose feature is nearest its
+  feature (soft labels: the arg-max class). Two distilled images may share a neighbour; it is kept twice,
+  so the set keeps the distilled set's size and labels.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _class_members(train_labels, num_classes: int, ipc: int) -> list[np.ndarray]:
+    labels = np.asarray(train_labels)
+    members = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    small = [(c, len(m)) for c, m in enumerate(members) if len(m) < ipc]
+    if small:
+        listed = ", ".join(f"class {c} has {k}" for c, k in small[:5]) + (", ..." if len(small) > 5 else "")
+        raise ValueError(f"ipc={ipc} is more than some classes hold ({listed}); lower ipc")
+    return members
+
+
+def random_indices(train_labels, num_classes: int, ipc: int, seed: int) -> np.ndarray:
+    """int [C*ipc]: ipc random images of each class (class-major order), without replacement."""
+    rng = np.random.default_rng(seed)
+    members = _class_members(train_labels, num_classes, ipc)
+    return np.concatenate([rng.choice(m, ipc, replace=False) for m in members]).astype(np.int64)
+
+
+def centroid_indices(train_feats, train_labels, num_classes: int, ipc: int,
+                     method: str = "herding") -> np.ndarray:
+    """int [C*ipc]: per class, the images nearest its mean feature ("nearest") or herded ("herding")."""
+    if method not in ("herding", "nearest"):
+        raise ValueError(f"centroid method {method!r} is unknown; use 'herding' or 'nearest'")
+    feats = np.asarray(train_feats, np.float64)
+    out = []
+    for m in _class_members(train_labels, num_classes, ipc):
+        x = feats[m]
+        mu = x.mean(0)
+        if method == "nearest":
+            out.append(m[np.argsort(np.linalg.norm(x - mu, axis=1), kind="stable")[:ipc]])
+            continue
+        picked, total = [], np.zeros_like(mu)
+        free = np.ones(len(m), bool)
+        for k in range(1, ipc + 1):
+            dist = np.linalg.norm(mu - (total + x) / k, axis=1)
+            dist[~free] = np.inf
+            i = int(np.argmin(dist))
+            picked.append(i)
+            free[i] = False
+            total += x[i]
+        out.append(m[np.array(picked)])
+    return np.concatenate(out).astype(np.int64)
+
+
+def neighbour_indices(train_feats, train_labels, query_feats, query_labels) -> np.ndarray:
+    """int [M]: for each query, the training image of the same class with the nearest feature."""
+    feats = np.asarray(train_feats, np.float64)
+    labels = np.asarray(train_labels)
+    q = np.asarray(query_feats, np.float64)
+    ql = np.asarray(query_labels)
+    if ql.ndim == 2:
+        ql = ql.argmax(1)
+    if q.ndim != 2 or q.shape[1] != feats.shape[1] or len(ql) != len(q):
+        raise ValueError(f"query features {q.shape} / labels {ql.shape} do not match train features "
+                         f"[N, {feats.shape[1]}]")
+    out = np.empty(len(q), np.int64)
+    for c in np.unique(ql):
+        m = np.flatnonzero(labels == c)
+        if len(m) == 0:
+            raise ValueError(f"class {c} has distilled images but no training images")
+        rows = np.flatnonzero(ql == c)
+        x = feats[m]
+        d2 = (q[rows] ** 2).sum(1)[:, None] - 2.0 * q[rows] @ x.T + (x ** 2).sum(1)[None]
+        out[rows] = m[np.argmin(d2, axis=1)]
+    return out
+
+
