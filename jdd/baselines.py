@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jdd import probe
+from jdd import probe, progress
 from jdd.selection import centroid_indices, neighbour_indices, random_indices
 
 
@@ -185,16 +185,25 @@ def run_baselines(key, *, train_feats, train_labels, test_feats, test_labels, nu
         raise ValueError("probe mode 'full' needs embed_fn and load_images; or set probe_cfg.mode='features'")
     train_labels = np.asarray(train_labels)
     probe_key, full_key = jax.random.split(key)
+    # One unit per probe: the random draws, the other selections, the full-data fit.
+    units = draws * ("random" in methods) + sum(m in methods for m in ("centroid", "neighbour", "full"))
+    bar = progress.Progress(units, getattr(probe_cfg, "progress", ""), "baselines", unit="probe")
+    done = 0
 
     def run(idx, selection):
+        nonlocal done
         labels = train_labels[idx]
+        desc = f"baseline: {selection}"
         if probe_cfg.mode == "features":
             res = probe.evaluate_features(probe_key, jnp.asarray(train_feats)[idx], labels, test_feats,
-                                          test_labels, num_classes=num_classes, cfg=probe_cfg, meta=meta)
+                                          test_labels, num_classes=num_classes, cfg=probe_cfg, meta=meta,
+                                          desc=desc)
         else:
             res = probe.evaluate(probe_key, load_images(idx), labels, embed_fn, test_feats, test_labels,
-                                 num_classes=num_classes, cfg=probe_cfg, meta=meta)
+                                 num_classes=num_classes, cfg=probe_cfg, meta=meta, desc=desc)
         res.update(selection=selection, indices=[int(i) for i in idx])
+        done += 1
+        bar.update(done)
         return res
 
     out = {}
@@ -213,4 +222,6 @@ def run_baselines(key, *, train_feats, train_labels, test_feats, test_labels, nu
     if "full" in methods:
         out["full"] = full_dataset_probe(full_key, train_feats, train_labels, test_feats, test_labels,
                                          num_classes=num_classes, cfg=full_cfg, meta=meta)
+        bar.update(done + 1)
+    bar.close()
     return out

@@ -108,6 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
         rrc_scale=(0.08, 1.0),
         noise_std=0.2,
         augment_real=True,     # the same augmentations on the real batch (LGM)
+        res_schedule="",       # coarse-to-fine encoding, "RES:UNTIL_STEP,...": e.g. "56:300" crops the copies
+                               # to 56 px before step 300, then to crop_res (one compile per resolution)
     )
     c.real = dict(
         source="backbone",     # "backbone": encode an augmented real batch every step; "cache": feature cache
@@ -141,6 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
         track_every=0,         # every N steps, score the current set with the fast probe on the train
                                # split (metric "track_top1"; 0 = off); cheap: one forward of the set
         track_seeds=2,
+        progress="bar",        # protocol evaluation and baselines: "bar" (tqdm), "log" (INFO lines), "" (silent)
         keep_best=False,       # export the tracked-best set instead of the last one (needs track_every)
         patience=0,            # stop early after this many tracks without a new best (0 = never;
                                # needs track_every); the budget is not spent after the peak

@@ -77,6 +77,8 @@ def load_sources(data_cfg: ml_collections.ConfigDict):
 def validate(config, train, backbone, mesh) -> None:
     """Checks that need the data, the backbone or the devices; one sentence a user can act on."""
     backbones.check_image_size(backbone, config.data.crop_res)
+    for _, res in step_lib.parse_res_schedule(config.augment.res_schedule):
+        backbones.check_image_size(backbone, res)
     if config.syn.res < config.data.crop_res and "rrc" not in config.augment.ops:
         log.warning("syn.res %d < crop_res %d: images are upsampled", config.syn.res, config.data.crop_res)
     counts = np.bincount(train.labels, minlength=train.num_classes)

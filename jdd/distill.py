@@ -17,24 +17,32 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdd import context, data, evaluators, export, loop, parallel, results as results_lib, step as step_lib
+from jdd import context, data, evaluators, loop, parallel, results as results_lib, sets, step as step_lib
 
 log = logging.getLogger("jdd")
 
-MODES = ("distill", "eval", "baselines")
+MODES = ("distill", "eval", "baselines", "export")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = "distill",
-        eval_npz: str | None = None) -> dict:
-    """Runs ``mode`` for ``config`` in ``workdir``; returns the evaluation results ({} when none)."""
+        eval_npz: str | None = None, eval_set: str | None = None) -> dict:
+    """Runs ``mode`` for ``config`` in ``workdir``; returns the evaluation results ({} when none).
+
+    ``eval_set`` (or the older ``eval_npz``): with "eval", the set to score instead of the workdir's
+    distilled.npz: a jdd .npz, an LGM-format .pth or an ImageFolder directory (``jdd.sets``); with
+    "export", the set to write out in every format (default: the workdir's).
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    set_path = eval_set or eval_npz or os.path.join(workdir, "distilled.npz")
+    if mode == "export":  # no backbone or data needed
+        return sets.export_all(workdir, sets.load_set(set_path))
     t_start = time.time()
     ctx = context.build(config, workdir)
     if mode == "baselines":
         return evaluate(ctx, None)
     if mode == "eval":
-        the_set = export.load_npz(eval_npz or os.path.join(workdir, "distilled.npz"))
+        the_set = sets.load_set(set_path, class_names=ctx.train.class_names)
     else:
         the_set = distill(ctx, t_start=t_start)
     if mode == "eval" or config.eval.enabled:

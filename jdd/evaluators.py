@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdd import baselines, probe
+from jdd import baselines, parallel, probe
 
 log = logging.getLogger("jdd")
 
@@ -31,6 +31,7 @@ def probe_config(eval_cfg: ml_collections.ConfigDict, crop_res: int) -> ml_colle
     cfg.epochs = eval_cfg.epochs
     cfg.seeds = eval_cfg.seeds
     cfg.out_res = crop_res
+    cfg.progress = eval_cfg.progress if parallel.is_main_process() else ""
     return cfg
 
 
@@ -54,6 +55,7 @@ def tracker(key, train_feats, train_labels, embed: Callable, *, num_classes: int
     feats, labels = jnp.asarray(train_feats), jnp.asarray(train_labels)
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.mode, cfg.seeds = "features", seeds
+    cfg.progress = ""  # a few milliseconds; a bar would interrupt the distillation's
 
     def track(images, syn_labels) -> float:
         syn = probe.embed_images(embed, jnp.asarray(resize(images, cfg.out_res)), batch=cfg.embed_batch)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jdd import data, export, parallel, selection, step as step_lib, synsets, workdir as workdir_lib
+from jdd import data, export, parallel, selection, sets, step as step_lib, synsets, workdir as workdir_lib
 from jdd.checkpoint import Checkpointer
 
 log = logging.getLogger("jdd")
@@ -221,7 +221,13 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
     if main:  # rows logged after that checkpoint by an interrupted run are logged again below
         workdir_lib.truncate_metrics(workdir, start)
 
-    step_fn = jitted_step(spec, method, mesh, embed, shard_state_mb=shard_state_mb)
+    step_fns = {}  # crop resolution -> compiled step (coarse-to-fine compiles one per resolution)
+
+    def step_fn(t: int, *args):
+        spec_t = spec.at_step(t)
+        if spec_t.crop_res not in step_fns:
+            step_fns[spec_t.crop_res] = jitted_step(spec_t, method, mesh, embed, shard_state_mb=shard_state_mb)
+        return step_fns[spec_t.crop_res](*args)
     real_iter = batches(start) if batches is not None else None
     writer = export.MetricWriter(workdir, enabled=main)
     bar = tqdm(total=schedule.steps, initial=start, desc="distil", disable=not main, dynamic_ncols=True)
@@ -248,7 +254,7 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
         if grown is not state:
             state = parallel.place(grown, shardings(grown))
         real = real_cache if real_iter is None else parallel.global_batch(next(real_iter), mesh)
-        state, metrics = step_fn(state, consts, bb_params, {} if real is None else real)
+        state, metrics = step_fn(t, state, consts, bb_params, {} if real is None else real)
         ok = jnp.logical_and(ok, metrics["finite"] > 0)
         done = t + 1
         logging_step = done % schedule.log_every == 0 or done == schedule.steps
@@ -300,9 +306,7 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
         log.info("keeping the set of step %d (train-split probe %.2f%%); the last step scored %.2f%%",
                  kept["step"], kept["top1"], last)
         out = {k: kept.get(k) for k in ("images", "labels", "soft_labels")}
-    if main:
-        export.save_npz(os.path.join(workdir, "distilled.npz"), out["images"], out["labels"], class_names,
-                        out["soft_labels"])
-        export.grid_png(os.path.join(workdir, "distilled.png"), out["images"], out["labels"], class_names)
+    if main:  # distilled.npz, distilled_images/ (PNG ImageFolder), distilled.pth (with torch), distilled.png
+        sets.export_all(workdir, {**out, "class_names": list(class_names)})
         export.loss_plot(workdir)
     return out

@@ -20,6 +20,13 @@ chunk of epochs the features of all seeds x epochs x images are computed first, 
 `lax.scan` too, so one evaluation is one compiled program with no host sync. The chunk length is the
 largest divisor of `epochs` whose features fit in `chunk_budget_mb`. Seeds are `vmap`ped.
 
+Progress (`cfg.progress`, off by default): the compiled program reports to the host with
+`jax.debug.callback` after each micro-batch of views it embeds (full mode: that is where the time goes;
+a 1000-epoch run on a few images is often a single chunk) or after each chunk (features mode), and the
+host prints the fraction done, the elapsed time and an ETA (a tqdm bar, or log lines). The callbacks
+only read values, so results are bit-identical with and without progress (tests/test_probe.py); the
+program stays one compilation, which takes a run id as an argument to find its reporter.
+
 Randomness is derived: seed s -> `fold_in(key, s)` -> (init key, run key); epoch e -> `fold_in(run key, e)`
 -> (permutation key, augmentation key); image i of that epoch -> `fold_in(augmentation key, i)`. A view's
 key therefore does not depend on chunking or batching, so chunked and per-step training see the same views
@@ -43,9 +50,12 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
+from jdd import progress as progress_lib
+
 PROTOCOL_FULL = "LGM linear probe (augmented views through the frozen backbone)"
 PROTOCOL_FEATURES = "features-only (fast)"
 MODES = ("full", "features")
+PROGRESS = progress_lib.MODES  # "" (silent), "bar" (tqdm) or "log" (INFO lines on the "jdd" logger)
 
 
 def probe_config() -> ml_collections.ConfigDict:
@@ -70,6 +80,7 @@ def probe_config() -> ml_collections.ConfigDict:
     c.chunk_epochs = 0           # 0: chosen from chunk_budget_mb; else must divide epochs
     c.embed_batch = 256          # views per backbone call
     c.eval_batch = 8192          # test features per accuracy batch
+    c.progress = ""              # "": silent; "bar": tqdm bar; "log": log lines (fraction done, elapsed, ETA)
     c.lock()
     return c
 
@@ -148,21 +159,47 @@ def _epoch(params, opt, feats, y, perm_key, lr, hp: Hyper):
     return params, opt
 
 
-def _chunk_features(source, vkeys, n: int, embed_batch: int):
-    """Features [P, T, N, D] of the views keyed by vkeys [P, T, N, 2], `embed_batch` views at a time."""
+def _micro_batches(views: int, embed_batch: int) -> tuple[int, int]:
+    """(views per backbone call, number of calls) for `views` views: the split `_chunk_features` makes."""
+    m = min(embed_batch, views)
+    return m, -(-views // m)
+
+
+def _chunk_features(source, vkeys, n: int, embed_batch: int, on_batch=None):
+    """Features [P, T, N, D] of the views keyed by vkeys [P, T, N, 2], `embed_batch` views at a time.
+
+    on_batch(j, feats [m, D]), when given, is traced after micro-batch j (progress reports).
+    """
     lead = vkeys.shape[:-2]
     v = math.prod(lead) * n
-    m = min(embed_batch, v)
+    m, _ = _micro_batches(v, embed_batch)
     pad = (-v) % m
     keys = jnp.concatenate([vkeys.reshape(v, -1), jnp.zeros((pad, vkeys.shape[-1]), vkeys.dtype)])
     idx = jnp.concatenate([jnp.arange(v) % n, jnp.zeros((pad,), jnp.int32)]).astype(jnp.int32)
-    feats = jax.lax.map(lambda a: source(a[0], a[1]).astype(jnp.float32),
-                        (keys.reshape(-1, m, keys.shape[-1]), idx.reshape(-1, m)))
+    xs = (keys.reshape(-1, m, keys.shape[-1]), idx.reshape(-1, m))
+    if on_batch is None:
+        feats = jax.lax.map(lambda a: source(a[0], a[1]).astype(jnp.float32), xs)
+    else:
+        def body(a):
+            f = source(a[0], a[1]).astype(jnp.float32)
+            on_batch(a[2], f)
+            return f
+        feats = jax.lax.map(body, (*xs, jnp.arange(xs[1].shape[0])))
     return feats.reshape(-1, feats.shape[-1])[:v].reshape(*lead, n, feats.shape[-1])
 
 
-@functools.partial(jax.jit, static_argnames=("hp",))
-def _train(key, seed_ids, source, y, hp: Hyper):
+# ----------------------------------------------------------------------------------------- progress
+
+def _progress_units(hp: Hyper, num_seeds: int, n: int, full: bool) -> int:
+    """How many reports a training makes: micro-batches of views over all chunks, or 1 (features)."""
+    if not full:
+        return 1
+    _, batches = _micro_batches(num_seeds * hp.chunk_epochs * n, hp.embed_batch)
+    return hp.epochs // hp.chunk_epochs * batches
+
+
+@functools.partial(jax.jit, static_argnames=("hp", "progress"))
+def _train(key, seed_ids, source, y, hp: Hyper, run_id=0, progress: bool = False):
     n, c = y.shape
     full = callable(source)
     if full:
@@ -187,7 +224,13 @@ def _train(key, seed_ids, source, y, hp: Hyper):
         lr_t = jax.lax.dynamic_slice(lrs, (ci * t,), (t,))
         if full:
             vkeys = jax.vmap(jax.vmap(lambda k: view_keys(k, n)))(aug_keys)
-            feats = _chunk_features(source, vkeys, n, hp.embed_batch)  # [P, T, N, D]
+            on_batch = None
+            if progress:
+                _, nb = _micro_batches(math.prod(vkeys.shape[:2]) * n, hp.embed_batch)
+
+                def on_batch(j, f):  # report after micro-batch j of chunk ci (waits for its features)
+                    jax.debug.callback(progress_lib.report, run_id, ci * nb + j + 1, f[0, 0])
+            feats = _chunk_features(source, vkeys, n, hp.embed_batch, on_batch)  # [P, T, N, D]
         else:
             feats = None
 
@@ -197,21 +240,28 @@ def _train(key, seed_ids, source, y, hp: Hyper):
                 return _epoch(*carry, source if f is None else f, y, pk, lr, hp), None
             return jax.lax.scan(one_epoch, (params, opt), (feats_s, perm_keys_s, lr_t))[0]
 
-        return jax.vmap(one_seed)(*carry, feats, perm_keys), None
+        new = jax.vmap(one_seed)(*carry, feats, perm_keys)
+        if progress and not full:
+            jax.debug.callback(progress_lib.report, run_id, ci + 1, new[0]["b"][0, 0])
+        return new, None
 
     (params, _), _ = jax.lax.scan(run_chunk, (params, opt), jnp.arange(hp.epochs // t))
     return params
 
 
-def train_linear(key, feats_or_fn, labels, *, num_classes: int, cfg, seed_ids=None) -> dict:
+def train_linear(key, feats_or_fn, labels, *, num_classes: int, cfg, seed_ids=None,
+                 desc: str | None = None) -> dict:
     """Trains `len(seed_ids)` linear heads at once (vmap) with the probe protocol; returns their params.
 
     feats_or_fn: features [N, D] (features-only: the same feature of an image every epoch), or a
       function `(view_keys [M, 2], image_idx [M]) -> [M, D]` giving the features of the views of images
       `image_idx` augmented with `view_keys` (preferably a `jax.tree_util.Partial`, see module doc).
     labels: int [N] or probabilities [N, C].  seed_ids: ints (default range(cfg.seeds)).
-    Returns {"w": [S, D, C], "b": [S, C]}.
+    desc: the label of progress reports (cfg.progress). Returns {"w": [S, D, C], "b": [S, C]}.
     """
+    shown = getattr(cfg, "progress", "")
+    if shown not in PROGRESS:
+        raise ValueError(f"probe progress {shown!r} is unknown; use one of {PROGRESS} ('' = silent)")
     y = _label_distributions(labels, num_classes)
     seed_ids = jnp.arange(cfg.seeds) if seed_ids is None else jnp.asarray(seed_ids, jnp.int32).reshape(-1)
     if callable(feats_or_fn):
@@ -222,8 +272,15 @@ def train_linear(key, feats_or_fn, labels, *, num_classes: int, cfg, seed_ids=No
         if source.ndim != 2 or source.shape[0] != y.shape[0]:
             raise ValueError(f"features have shape {source.shape}, expected [N={y.shape[0]}, D]")
         dim = source.shape[1]
-    hp = make_hyper(cfg, y.shape[0], dim, len(seed_ids), callable(feats_or_fn))
-    return _train(key, seed_ids, source, y, hp)
+    full = callable(feats_or_fn)
+    hp = make_hyper(cfg, y.shape[0], dim, len(seed_ids), full)
+    if not shown:
+        return _train(key, seed_ids, source, y, hp)
+    desc = desc or f"probe ({'full' if full else 'features'})"
+    units = _progress_units(hp, len(seed_ids), y.shape[0], full)
+    with progress_lib.reporter(progress_lib.Progress(units, shown, desc, epochs=hp.epochs)) as run_id:
+        # Waits for the result, so that every report has arrived before the reporter goes.
+        return jax.block_until_ready(_train(key, seed_ids, source, y, hp, jnp.int32(run_id), progress=True))
 
 
 def make_hyper(cfg, n: int, dim: int, num_seeds: int, full: bool) -> Hyper:
@@ -372,15 +429,16 @@ def _check_test(test_feats, test_labels, dim, num_classes):
 
 
 def evaluate_features(key, feats, labels, test_feats, test_labels, *, num_classes: int, cfg,
-                      meta: dict | None = None) -> dict:
+                      meta: dict | None = None, desc: str | None = None) -> dict:
     """Fast mode: probe trained on one fixed feature per image (no augmentation), labelled as such.
 
     feats [N, D]; labels int [N] or probabilities [N, C]; test_feats [M, D]; test_labels int [M].
+    desc labels the progress reports (cfg.progress).
     """
     t0 = time.perf_counter()
     feats = jnp.asarray(feats, jnp.float32)
     _check_test(test_feats, test_labels, feats.shape[-1], num_classes)
-    params = train_linear(key, feats, labels, num_classes=num_classes, cfg=cfg)
+    params = train_linear(key, feats, labels, num_classes=num_classes, cfg=cfg, desc=desc)
     top1 = accuracy(params, jnp.asarray(test_feats), jnp.asarray(test_labels), batch=cfg.eval_batch)
     hp = make_hyper(cfg, feats.shape[0], feats.shape[1], cfg.seeds, full=False)
     return _result(top1, protocol(cfg, hp, labels, mode="features", augment=False), t0, meta)
@@ -398,13 +456,14 @@ def embed_images(embed_fn, images, batch: int = 256):
 
 
 def evaluate(key, images, labels, embed_fn: Callable, test_feats, test_labels, *, num_classes: int, cfg,
-             augment_fn: Callable | None = None, meta: dict | None = None) -> dict:
+             augment_fn: Callable | None = None, meta: dict | None = None, desc: str | None = None) -> dict:
     """Probe protocol on an image set; returns top1_mean/top1_std (%), top1_per_seed, protocol, wall_time_s.
 
     images [N, H, W, 3] in [0, 1]; labels int [N] or probabilities [N, C]; embed_fn: images [B, H', W', 3]
     -> [B, D] (frozen backbone, preferably `embedder(...)`); test_feats [M, D] from the same backbone with
     eval preprocessing; test_labels int [M]. augment_fn `(key, image) -> image` defaults to
     `default_augment_fn(cfg)`. cfg.mode == "features" embeds each image once and trains on those features.
+    desc labels the progress reports (cfg.progress: "" silent, "bar", "log").
     """
     if cfg.mode not in MODES:
         raise ValueError(f"probe mode {cfg.mode!r} is unknown; use one of {MODES}")
@@ -422,14 +481,14 @@ def evaluate(key, images, labels, embed_fn: Callable, test_feats, test_labels, *
         t0 = time.perf_counter()
         feats = embed_images(embed_fn, images, batch=cfg.embed_batch)
         res = evaluate_features(key, feats, labels, test_feats, test_labels, num_classes=num_classes,
-                                cfg=cfg, meta=meta)
+                                cfg=cfg, meta=meta, desc=desc)
         res["wall_time_s"] = time.perf_counter() - t0
         return res
     t0 = time.perf_counter()
     augment_fn = default_augment_fn(cfg) if augment_fn is None else augment_fn
     augment_fn = augment_fn if isinstance(augment_fn, Partial) else Partial(augment_fn)
     source = Partial(_augment_embed, augment_fn, embed_fn, images)
-    params = train_linear(key, source, labels, num_classes=num_classes, cfg=cfg)
+    params = train_linear(key, source, labels, num_classes=num_classes, cfg=cfg, desc=desc)
     top1 = accuracy(params, jnp.asarray(test_feats), jnp.asarray(test_labels), batch=cfg.eval_batch)
     hp = make_hyper(cfg, images.shape[0], out.shape[1], cfg.seeds, full=True)
     return _result(top1, protocol(cfg, hp, labels, mode="full", augment=True), t0, meta)

@@ -70,19 +70,21 @@ def write_results(path_dir, results: dict, meta: dict | None = None,
                   references: dict | None = None) -> tuple[str, str]:
     """Writes {name: result dict} to path_dir/results.json and a markdown table results.md; returns paths.
 
-    Each result gains the `comparisons` keys (module doc) in both files; ``references`` supplies
-    random / centroid / full results from elsewhere when ``results`` has none.
+    Each result gains the `comparisons` keys (module doc) in both files, and results.json a top-level
+    "comparisons" with their definitions; ``references`` supplies random / centroid / full results from
+    elsewhere when ``results`` has none.
     """
     os.makedirs(path_dir, exist_ok=True)
     jpath, mpath = os.path.join(path_dir, "results.json"), os.path.join(path_dir, "results.md")
     comp = comparisons(results, references)
     results = {name: {**r, **comp[name]} for name, r in results.items()}
     used = [k for k in DEFINITIONS if any(k in c for c in comp.values())]
-    meta = dict(meta or {})
-    full_meta = {**meta, "comparisons": {k: DEFINITIONS[k] for k in used}} if used else meta
+    out = {"meta": meta or {}, "results": results}
+    if used:
+        out["comparisons"] = {k: DEFINITIONS[k] for k in used}
     with open(jpath, "w") as f:
-        json.dump(_jsonable({"meta": full_meta, "results": results}), f, indent=1)
-    lines = [f"- {k}: {v}" for k, v in meta.items()]
+        json.dump(_jsonable(out), f, indent=1)
+    lines = [f"- {k}: {v}" for k, v in (meta or {}).items()]
     lines += [""] if lines else []
     titles = {"gain_over_random": "vs random (pts)", "gain_over_centroid": "vs centroid (pts)",
               "fraction_of_full": "of full"}

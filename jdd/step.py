@@ -63,6 +63,16 @@ class StepSpec:
     grow_mode: str
     reset_opt_on_grow: bool
     label_init_temp: float
+    # Coarse-to-fine encoding: ((until_step, crop_res), ...): before step until_step the synthetic
+    # copies (and an encoded real batch) are cropped to that lower resolution; then crop_res.
+    res_schedule: tuple[tuple[int, int], ...] = ()
+
+    def at_step(self, step: int) -> "StepSpec":
+        """The spec of the step compiled for ``step`` (its crop resolution from ``res_schedule``)."""
+        for until, res in self.res_schedule:
+            if step < until:
+                return dataclasses.replace(self, crop_res=res, res_schedule=())
+        return dataclasses.replace(self, res_schedule=()) if self.res_schedule else self
 
     @property
     def num_images(self) -> int:
@@ -90,7 +100,21 @@ def make_spec(config: ml_collections.ConfigDict, num_classes: int, method: Metho
         syn_lr=syn.lr, label_lr=syn.label_lr, param_lr=syn.param_lr or method.param_lr or syn.lr,
         adv_lr=syn.adv_lr or method.adv_lr or syn.lr, lr_warmup=syn.lr_warmup,
         decorrelate=syn.decorrelate, extent=syn.extent, grow_mode=syn.grow_mode,
-        reset_opt_on_grow=syn.reset_opt_on_grow, label_init_temp=syn.label_init_temp)
+        reset_opt_on_grow=syn.reset_opt_on_grow, label_init_temp=syn.label_init_temp,
+        res_schedule=parse_res_schedule(aug.res_schedule))
+
+
+def parse_res_schedule(text: str) -> tuple[tuple[int, int], ...]:
+    """``"56:300,84:600"`` -> ((300, 56), (600, 84)): crops of 56 px before step 300, 84 px before 600."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        res, sep, until = item.partition(":")
+        if not sep or not res.strip().isdigit() or not until.strip().isdigit():
+            raise ValueError(f"augment.res_schedule item {item!r} must be RES:UNTIL_STEP, e.g. '56:300'")
+        out.append((int(until), int(res)))
+    if [u for u, _ in out] != sorted({u for u, _ in out}):
+        raise ValueError(f"augment.res_schedule {text!r}: the steps must increase")
+    return tuple(out)
 
 
 def syn_class_labels(spec: StepSpec) -> jax.Array:

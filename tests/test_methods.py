@@ -67,7 +67,7 @@ def _np_ridge(z, y, ridge, bias=False):
 # ------------------------------------------------------------------------------------------ registry
 
 def test_registry_lists_all_methods_and_rejects_unknown():
-    assert set(methods.METHODS) == {"lgm", "clp", "bptt", "kip", "dc", "mtt", "dm", "ncfm"}
+    assert set(methods.METHODS) == {"lgm", "clp", "bptt", "kip", "dc", "mtt", "dm", "ncfm", "sfm"}
     for name, m in methods.METHODS.items():
         assert m.name == name and isinstance(m.default_config(), ml_collections.ConfigDict)
     with pytest.raises(KeyError, match="unknown distillation method 'nope'.*clp.*lgm"):

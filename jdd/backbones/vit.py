@@ -9,6 +9,12 @@ projection, the patch mean, or SigLIP's multi-head attention pooling).
 
 Parameters are always float32; `dtype` is the compute dtype. Inputs are NHWC images in [0, 1]; the
 family's mean/std normalisation happens inside.
+
+Token dropping (as in MAE / FLIP): `apply(..., images, token_keep=(key, fraction))` keeps a random
+subset of round(fraction * num_patches) patch tokens per image (after their position embeddings are
+added; class and register tokens always stay), so the transformer runs on fewer tokens. The number
+kept is static (fraction is a Python float), so shapes are static under jit; `patch_keep_indices`
+gives the kept patches for a key. Rotary embeddings (EVA-02) follow the kept patches.
 """
 from __future__ import annotations
 
@@ -125,7 +131,8 @@ def _dense(features, name, dtype, use_bias=True, axis=-1):
 class Attention(nn.Module):
     """Multi-head self-attention; q/k/v kernels [D, H, hd], output kernel [H, hd, D].
 
-    rope_sin_cos: (sin, cos) [N, hd] rotary tables of the last N tokens (the patches), or None.
+    rope_sin_cos: (sin, cos) rotary tables of the last N tokens (the patches), [N, hd] shared by the
+      batch or [B, N, hd] per image (token dropping), or None.
     """
 
     cfg: ViTConfig
@@ -138,11 +145,43 @@ class Attention(nn.Module):
         bias = {"query": cfg.qkv_bias, "key": cfg.qkv_bias and cfg.key_bias, "value": cfg.qkv_bias}
         q, k, v = (_dense((cfg.heads, head_dim), n, self.dtype, bias[n])(x) for n in ("query", "key", "value"))
         if rope_sin_cos is not None:
-            q, k = (rope.apply_to_patches(t, *rope_sin_cos) for t in (q, k))
+            q, k = (_apply_rope(t, *rope_sin_cos) for t in (q, k))
         out = attention(q, k, v)
         if cfg.attn_norm:  # over all heads together, as one [D] vector per token
             out = nn.LayerNorm(cfg.ln_eps, dtype=self.dtype, name="norm")(out.reshape(x.shape)).reshape(out.shape)
         return _dense(cfg.width, "out", self.dtype, axis=(-2, -1))(out)
+
+
+def _apply_rope(x: jax.Array, sin, cos) -> jax.Array:
+    """Rotary embeddings on the last N tokens of x [B, T, H, hd]: tables [N, hd], or [B, N, hd] when each
+    image kept different patches (then gathered per image; computed in float32 as timm does)."""
+    if sin.ndim == 2:
+        return rope.apply_to_patches(x, sin, cos)
+    num = sin.shape[1]
+    prefix, patches = x[:, :-num], x[:, -num:].astype(jnp.float32)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    rotated = (patches * cos + rope.rotate_pairs(patches) * sin).astype(x.dtype)
+    return jnp.concatenate([prefix, rotated], axis=1) if prefix.shape[1] else rotated
+
+
+def num_kept_patches(num_patches: int, fraction: float) -> int:
+    """Static number of patch tokens token dropping keeps: round(fraction * num_patches), at least 1."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):  # not a traced value
+        raise TypeError(f"the token keep fraction must be a Python float (it fixes a static shape), got "
+                        f"{type(fraction).__name__}; pass e.g. token_keep=(key, 0.5).")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the token keep fraction must be in (0, 1], got {fraction}; 1.0 keeps every patch.")
+    return max(1, round(fraction * num_patches))
+
+
+def patch_keep_indices(key: jax.Array, batch: int, num_patches: int, fraction: float) -> jax.Array:
+    """Indices [B, K] (ascending, distinct) of the patches each image keeps, K = num_kept_patches.
+
+    Each image draws its own uniformly random subset (argsort of uniform noise, as MAE does).
+    """
+    num_keep = num_kept_patches(num_patches, fraction)
+    noise = jax.random.uniform(key, (batch, num_patches))
+    return jnp.sort(jnp.argsort(noise, axis=1)[:, :num_keep], axis=1)
 
 
 # On CPU, attention runs over chunks of the batch whose logits take about this many bytes, so that they
@@ -304,8 +343,9 @@ class ViT(nn.Module):
         return jnp.concatenate(prefix + [tokens], axis=1) if prefix else tokens
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Returns float32 features:
+    def __call__(self, images: jax.Array, token_keep: tuple[jax.Array, float] | None = None
+                 ) -> dict[str, jax.Array]:
+        """Returns float32 features of images [B, H, W, 3]:
 
         cls [B, D]: the class token after the final layernorm (families with a class token);
         patch_mean [B, D]: mean of the patch tokens of last_hidden_state (final_norm "pooled": that
@@ -314,21 +354,36 @@ class ViT(nn.Module):
             attention pooling);
         last_hidden_state [B, T, D]: as `transformers` returns it (CLIP: before the post-layernorm),
             or timm's `forward_features` (final_norm "pooled": before the final layernorm).
+
+        token_keep: None (every patch), or (key, fraction): each image keeps a random subset of
+            `num_kept_patches(num_patches, fraction)` patch tokens (`patch_keep_indices(key, ...)`),
+            chosen after the position embeddings are added; patch_mean and last_hidden_state then cover
+            the prefix tokens and the kept patches only. A fraction that keeps every patch is the
+            plain forward, bit for bit.
         """
         cfg = self.cfg
         ln = lambda name: nn.LayerNorm(cfg.ln_eps, dtype=self.dtype, name=name)  # noqa: E731
         x = self.embed(images)
-        if cfg.pre_norm:
-            x = ln("pre_norm")(x)
+        grid = (images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size)
         rope_sin_cos = None
         if cfg.rope:  # built in NumPy from the static grid shape, at trace time
-            grid = (images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size)
             rope_sin_cos = rope.sin_cos(cfg.width // cfg.heads, grid, cfg.rope_temperature, cfg.rope_ref_grid)
+        first_patch = int(cfg.class_token) + cfg.num_registers
+        if token_keep is not None:
+            key, fraction = token_keep
+            num_patches = grid[0] * grid[1]
+            if num_kept_patches(num_patches, fraction) < num_patches:
+                keep = patch_keep_indices(key, x.shape[0], num_patches, fraction)  # [B, K]
+                kept = jnp.take_along_axis(x[:, first_patch:], keep[:, :, None], axis=1)
+                x = jnp.concatenate([x[:, :first_patch], kept], axis=1)
+                if rope_sin_cos is not None:  # each image's kept patches keep their own rotations
+                    rope_sin_cos = tuple(jnp.asarray(t)[keep] for t in rope_sin_cos)
+        if cfg.pre_norm:
+            x = ln("pre_norm")(x)
         block = nn.remat(Block) if self.remat else Block
         for i in range(cfg.depth):
             x = block(cfg, self.dtype, name=f"block_{i}")(x, rope_sin_cos)
         features = {}
-        first_patch = int(cfg.class_token) + cfg.num_registers
         patches = lambda t: jnp.mean(t[:, first_patch:].astype(jnp.float32), axis=1)  # noqa: E731
         if cfg.final_norm == "tokens":
             x = ln("norm")(x)

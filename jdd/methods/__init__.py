@@ -4,17 +4,18 @@
     cfg = method.default_config()
     params = method.init_params(key, feat_dim, num_classes, cfg)      # {"min": ..., "max": ...}
     consts = method.prepare(key, feats, labels, num_classes, cfg) if method.prepare else {}
-    value, aux = method.loss(params, consts, key, syn, real, cfg)
+    value, aux = method.loss(params, consts, key, syn, real, cfg)   # real may be None if not method.needs_real
 
 See jdd.methods.base for the contract of `loss`.
 """
 from __future__ import annotations
 
-from jdd.methods import bptt, clp, dc, dm, kip, lgm, mtt, ncfm
+from jdd.methods import bptt, clp, dc, dm, kip, lgm, mtt, ncfm, sfm
 from jdd.methods.base import Method
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    lgm.METHOD, clp.METHOD, bptt.METHOD, kip.METHOD, dc.METHOD, mtt.METHOD, dm.METHOD, ncfm.METHOD)}
+    lgm.METHOD, clp.METHOD, bptt.METHOD, kip.METHOD, dc.METHOD, mtt.METHOD, dm.METHOD, ncfm.METHOD,
+    sfm.METHOD)}
 
 
 def get(name: str) -> Method:

@@ -10,11 +10,9 @@ steps * |probe| rather than steps * M * C, which keeps steps up to ~100 affordab
 
 `lr` is relative to the real features' scale, so one default suits any backbone: for SGD the step
 is `lr / mean ||z_real||^2` (linear.lr_unit), for Adam `lr / rms(z_real)` (linear.adam_lr_unit).
-Defaults measured on synthetic FEATURES (DINOv2-S Imagenette, launch/tune_clp.py's set-up, 20
-steps; probe top-1 %, ipc 1 / ipc 10): Adam relative lr 3e-3: 64.1 / 77.2, 6e-3: 65.8 / 78.8,
-1.2e-2: 54.1 / 77.8; SGD (ipc 1) lr 1 / 4 / 16 / 32: 49.3 / 57.0 / 63.2 / 42.4 (unstable). SGD is
-slow here because the features share a large mean (a bias-like direction with most of the
-curvature), which Adam's per-coordinate steps do not mind.
+Defaults chosen by measurement on synthetic features: docs/tuning.md#bptt. SGD is slow here because
+the features share a large mean (a bias-like direction with most of the curvature), which Adam's
+per-coordinate steps do not mind.
 """
 from __future__ import annotations
 

@@ -12,22 +12,9 @@ logits by (1 + ridge) undoes the shrinkage and one temperature suits every ridge
 raw `logits / T`, the best T fell as 1 / (1 + ridge) along the whole ridge range 0.3..30.
 
 The paper publishes no code; our choices (trace-scaled ridge, centred targets `Y - 1/C`, unpenalised
-bias, relative temperature) and their defaults come from `launch/tune_clp.py`: synthetic FEATURES of
-DINOv2-S on Imagenette (112 px, 500 train / 500 val features) optimised directly (Adam, 300 steps),
-val top-1 % of the project's probe (jdd.probe, features mode), mean over 3 seeds (ipc 1) / 2 (ipc 10):
-
-    ridge, T:        0.05   0.1   0.2   0.4    (ipc 1)  |  0.05   0.1   0.2   0.4    (ipc 10)
-    0.1              57.0   71.5  67.9  66.8            |  73.5   77.1  74.3  72.0
-    0.3              66.4   70.8  69.7  65.0            |  76.4   76.7  74.4  71.3
-    1                67.0   70.8  70.5  67.9            |  76.7   76.4  74.7  72.2
-    3                66.1   70.2  69.1  69.3            |  75.5   75.2  74.8  74.2
-    (random real init 21.0 / 64.7, class means 51.4, all 500 real features 80.5)
-
-T = 0.1 is (near) best at every ridge, and ridge 1 is the most robust to T. Without the bias, the
-best ipc-1 result fell by 6 points and many settings by 10-18; label centring changes nothing when the
-bias is fitted (the constant is absorbed by the intercept) and next to nothing without it. Ridges
-<= 0.01 make sets that a closed-form ridge probe reads well but an SGD-trained probe does not (the
-set encodes the inverse of a near-singular Gram), e.g. 71.7% vs 32.2% at ridge 0.01.
+bias, relative temperature) and their defaults were chosen by measurement: docs/tuning.md#clp
+(`launch/tune_clp.py`, with the tables). Ridges <= 0.01 make sets that a closed-form ridge probe reads
+well but an SGD-trained probe does not (the set encodes the inverse of a near-singular Gram).
 """
 from __future__ import annotations
 

@@ -11,14 +11,10 @@ loss), "rbf" (exp(-|z - z'|^2 / (bandwidth * mean squared distance between real 
 "relu_nngp", the NNGP kernel of one infinitely wide ReLU layer on the features (the first-order
 arc-cosine kernel, |z| |z'| (sin t + (pi - t) cos t) / (2 pi), t the angle between z and z').
 
-Defaults, measured by optimising ipc=1 synthetic FEATURES of DINOv2-S on Imagenette (10 classes,
-500 real features, 300 Adam steps, 3 seeds; val top-1 % of the project's probe, jdd.probe features
-mode; launch/tune_clp.py's set-up): rbf, bandwidth 2, ridge 1e-2: 75.3 ± 1.4 (bandwidth 1: 73.4,
-4: 74.2, 8: 73.2; ridge 1e-3: 74.4, 1e-1 at bandwidth 4: 67.1) against linear at ridge 1e-3 / 0.1 /
-1 / 10: 40.9 / 66.3 / 64.7 / 48.6 (CLP at its best: 71.0; class means: 51.4; all real: 80.5).
-With a linear kernel and a small ridge, KIP's sets are read well by the KRR itself but not by a
-trained probe (the set encodes the inverse of a near-singular Gram); the rbf Gram is well
-conditioned (unit diagonal), so a small ridge is fine there.
+Defaults chosen by measurement on synthetic features: docs/tuning.md#kip. With a linear kernel and a
+small ridge, KIP's sets are read well by the KRR itself but not by a trained probe (the set encodes
+the inverse of a near-singular Gram); the rbf Gram is well conditioned (unit diagonal), so a small
+ridge is fine there.
 """
 from __future__ import annotations
 

@@ -19,11 +19,10 @@ loss by 300 and sums the per-class losses over per-class optimizer steps; our `s
 (Adam is invariant to it). Soft synthetic labels weight the members of each class (label-weighted CF).
 The official calibration term (CE of a trained classifier on the synthetic set) is not part of this.
 
-Measured on synthetic FEATURES at ipc 1 (DINOv2-S Imagenette, as in launch/tune_clp.py; probe top-1
-%): sampler "gaussian" 51.3, "net" 32.4 (adv_lr 1e-4: 39.1). With one point per class the synthetic
-CF has amplitude 1 at every frequency while the real one decays, a gap the images cannot close, and
-the adversarial sampler seeks it out; with several augmented views per image (the engine's copies)
-the synthetic CF can decay too. The default keeps the paper's learnt sampler.
+With one point per class the synthetic CF has amplitude 1 at every frequency while the real one
+decays, a gap the images cannot close, and the adversarial sampler seeks it out (measured:
+docs/tuning.md#ncfm); with several augmented views per image (the engine's copies) the synthetic CF
+can decay too. The default keeps the paper's learnt sampler.
 """
 from __future__ import annotations
 
