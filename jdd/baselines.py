@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from jdd import probe, progress
+from jdd.methods import linear
 from jdd.selection import centroid_indices, neighbour_indices, random_indices
 
 
@@ -62,13 +63,11 @@ def _objective(params, xs, ys, n, l2, num_classes):
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_iter", "memory_size", "chunk"))
-def _fit_lbfgs(feats, labels, l2s, tol, *, num_classes, max_iter, memory_size, chunk):
+def fit_lbfgs(feats, labels, l2s, tol, *, num_classes, max_iter, memory_size, chunk):
     """L-BFGS fits for each l2 in l2s [G] (vmapped): params {"w": [G, D, C], "b": [G, C]}, iters, |grad|."""
     n, d = feats.shape
     m = min(chunk, n)
-    pad = (-n) % m
-    xs = jnp.concatenate([feats, jnp.zeros((pad, d), feats.dtype)]).reshape(-1, m, d)
-    ys = jnp.concatenate([labels, jnp.full((pad,), -1, labels.dtype)]).reshape(-1, m)
+    xs, ys = linear.pad_batches(feats, m), linear.pad_batches(labels, m, fill=-1)
     solver = optax.lbfgs(memory_size=memory_size)
 
     def fit(l2):
@@ -116,7 +115,7 @@ def full_dataset_probe(key, train_feats, train_labels, test_feats, test_labels, 
     labels = np.asarray(train_labels).astype(np.int32)
     if feats.ndim != 2 or len(labels) != feats.shape[0]:
         raise ValueError(f"train features {feats.shape} and labels {labels.shape} do not match")
-    probe._check_test(test_feats, test_labels, feats.shape[1], num_classes)
+    probe.check_test(test_feats, test_labels, feats.shape[1], num_classes)
     kw = dict(num_classes=num_classes, max_iter=cfg.max_iter, memory_size=cfg.memory_size, chunk=cfg.chunk)
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
     fit_idx, held_idx = _stratified_split(labels, cfg.val_fraction, seed)
@@ -125,11 +124,11 @@ def full_dataset_probe(key, train_feats, train_labels, test_feats, test_labels, 
     mu, sd = jnp.mean(feats, 0), jnp.maximum(jnp.std(feats, 0), 1e-6)
     feats = (feats - mu) / sd
     grid = jnp.asarray(cfg.l2_grid, jnp.float32)
-    params, iters, gnorm = _fit_lbfgs(feats[fit_idx], jnp.asarray(labels[fit_idx]), grid, cfg.tol, **kw)
+    params, iters, gnorm = fit_lbfgs(feats[fit_idx], jnp.asarray(labels[fit_idx]), grid, cfg.tol, **kw)
     val = np.asarray(probe.accuracy(params, feats[held_idx], jnp.asarray(labels[held_idx]),
                                     batch=cfg.eval_batch), np.float64)
     best = int(np.flatnonzero(val == val.max())[-1])  # ties -> the larger l2 (grid is ascending)
-    params, it, gn = _fit_lbfgs(feats, jnp.asarray(labels), grid[best:best + 1], cfg.tol, **kw)
+    params, it, gn = fit_lbfgs(feats, jnp.asarray(labels), grid[best:best + 1], cfg.tol, **kw)
     top1 = probe.accuracy(params, (jnp.asarray(test_feats, jnp.float32) - mu) / sd, jnp.asarray(test_labels),
                           batch=cfg.eval_batch)
     proto = {
@@ -145,7 +144,7 @@ def full_dataset_probe(key, train_feats, train_labels, test_feats, test_labels, 
         "train_size": int(len(labels)), "seeds": 1, "std": "deterministic (convex, full batch): one run",
         "metric": "top-1 (%) on the whole test split",
     }
-    return probe._result(top1, proto, t0, meta)
+    return probe.result_record(top1, proto, t0, meta)
 
 
 # ----------------------------------------------------------------------------------------- running

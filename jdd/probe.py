@@ -51,6 +51,7 @@ import optax
 from jax.tree_util import Partial
 
 from jdd import progress as progress_lib
+from jdd.methods import linear
 
 PROTOCOL_FULL = "LGM linear probe (augmented views through the frozen backbone)"
 PROTOCOL_FEATURES = "features-only (fast)"
@@ -118,12 +119,6 @@ def view_keys(aug_key, n: int):
     return jax.vmap(lambda i: jax.random.fold_in(aug_key, i))(jnp.arange(n))
 
 
-def init_probe(init_key, dim: int, num_classes: int, std: float) -> dict:
-    """A fresh head {"w": [D, C] ~ N(0, std^2), "b": [C] = 0}."""
-    return {"w": std * jax.random.normal(init_key, (dim, num_classes), jnp.float32),
-            "b": jnp.zeros((num_classes,), jnp.float32)}
-
-
 def lr_schedule(hp: Hyper):
     """[epochs] learning rate of each epoch: cosine from lr0 to 0, stepped per epoch."""
     e = jnp.arange(hp.epochs, dtype=jnp.float32)
@@ -134,19 +129,16 @@ def lr_schedule(hp: Hyper):
 
 def _loss(params, x, y, mask):
     """Mean over valid rows of the cross-entropy of softmax(x W + b) against distributions y [B, C]."""
-    logp = jax.nn.log_softmax(x @ params["w"] + params["b"])
-    ce = -jnp.sum(y * logp, axis=-1)
-    return jnp.sum(ce * mask) / jnp.sum(mask)
+    return linear.softmax_ce(linear.logits(params, x), y, mask)
 
 
 def _epoch(params, opt, feats, y, perm_key, lr, hp: Hyper):
     """One epoch for one seed: shuffled batches (last one partial, masked), one Adam step each."""
     n = y.shape[0]
     adam = optax.scale_by_adam(hp.b1, hp.b2, hp.eps)
-    pad = hp.steps * hp.batch - n
     perm = jax.random.permutation(perm_key, n)
-    idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(hp.steps, hp.batch)
-    mask = jnp.concatenate([jnp.ones((n,)), jnp.zeros((pad,))]).reshape(hp.steps, hp.batch)
+    idx = linear.pad_batches(perm, hp.batch)                       # [steps, batch]
+    mask = linear.pad_batches(jnp.ones((n,)), hp.batch)
 
     def step(carry, xs):
         params, opt = carry
@@ -173,10 +165,7 @@ def _chunk_features(source, vkeys, n: int, embed_batch: int, on_batch=None):
     lead = vkeys.shape[:-2]
     v = math.prod(lead) * n
     m, _ = _micro_batches(v, embed_batch)
-    pad = (-v) % m
-    keys = jnp.concatenate([vkeys.reshape(v, -1), jnp.zeros((pad, vkeys.shape[-1]), vkeys.dtype)])
-    idx = jnp.concatenate([jnp.arange(v) % n, jnp.zeros((pad,), jnp.int32)]).astype(jnp.int32)
-    xs = (keys.reshape(-1, m, keys.shape[-1]), idx.reshape(-1, m))
+    xs = (linear.pad_batches(vkeys.reshape(v, -1), m), linear.pad_batches((jnp.arange(v) % n).astype(jnp.int32), m))
     if on_batch is None:
         feats = jax.lax.map(lambda a: source(a[0], a[1]).astype(jnp.float32), xs)
     else:
@@ -199,7 +188,7 @@ def _progress_units(hp: Hyper, num_seeds: int, n: int, full: bool) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("hp", "progress"))
-def _train(key, seed_ids, source, y, hp: Hyper, run_id=0, progress: bool = False):
+def train_program(key, seed_ids, source, y, hp: Hyper, run_id=0, progress: bool = False):
     n, c = y.shape
     full = callable(source)
     if full:
@@ -210,7 +199,7 @@ def _train(key, seed_ids, source, y, hp: Hyper, run_id=0, progress: bool = False
 
     def init_one(sid):
         init_key, run_key = seed_keys(key, sid)
-        params = init_probe(init_key, d, c, hp.init_std)
+        params = linear.init_probe(init_key, d, c, hp.init_std)
         return params, adam.init(params), run_key
 
     params, opt, run_keys = jax.vmap(init_one)(seed_ids)
@@ -275,12 +264,12 @@ def train_linear(key, feats_or_fn, labels, *, num_classes: int, cfg, seed_ids=No
     full = callable(feats_or_fn)
     hp = make_hyper(cfg, y.shape[0], dim, len(seed_ids), full)
     if not shown:
-        return _train(key, seed_ids, source, y, hp)
+        return train_program(key, seed_ids, source, y, hp)
     desc = desc or f"probe ({'full' if full else 'features'})"
     units = _progress_units(hp, len(seed_ids), y.shape[0], full)
     with progress_lib.reporter(progress_lib.Progress(units, shown, desc, epochs=hp.epochs)) as run_id:
         # Waits for the result, so that every report has arrived before the reporter goes.
-        return jax.block_until_ready(_train(key, seed_ids, source, y, hp, jnp.int32(run_id), progress=True))
+        return jax.block_until_ready(train_program(key, seed_ids, source, y, hp, jnp.int32(run_id), progress=True))
 
 
 def make_hyper(cfg, n: int, dim: int, num_seeds: int, full: bool) -> Hyper:
@@ -331,20 +320,17 @@ def accuracy(params, feats, labels, batch: int = 8192):
         w, b = w[None], b[None]
     n = feats.shape[0]
     m = min(batch, n)
-    pad = (-n) % m
-    f = jnp.concatenate([feats.astype(jnp.float32), jnp.zeros((pad, feats.shape[1]), jnp.float32)])
-    lab = jnp.concatenate([labels.astype(jnp.int32), jnp.full((pad,), -1, jnp.int32)])
 
     def count(xs):
         fx, lx = xs
-        pred = jnp.argmax(jnp.einsum("nd,sdc->snc", fx, w) + b[:, None], axis=-1)
-        return jnp.sum(pred == lx[None], axis=1)
+        return jnp.sum(linear.correct(jnp.einsum("nd,sdc->snc", fx, w) + b[:, None], lx[None]), axis=1)
 
-    counts = jax.lax.map(count, (f.reshape(-1, m, f.shape[1]), lab.reshape(-1, m)))
+    counts = jax.lax.map(count, (linear.pad_batches(feats.astype(jnp.float32), m),
+                                 linear.pad_batches(labels.astype(jnp.int32), m, fill=-1)))
     return jnp.sum(counts, axis=0) / n
 
 
-def _augment_embed(augment_fn, embed_fn, images, keys, idx):
+def augment_embed(augment_fn, embed_fn, images, keys, idx):
     """Features [M, D] of images[idx] augmented with keys [M, 2]."""
     x = jax.vmap(augment_fn)(keys, images[idx])
     return embed_fn(x)
@@ -408,7 +394,7 @@ def protocol(cfg, hp: Hyper, labels, *, mode: str, augment: bool) -> dict:
     }
 
 
-def _result(top1, proto, t0, meta) -> dict:
+def result_record(top1, proto, t0, meta) -> dict:
     # float32 fractions -> percent, rounded below the resolution of any test split (1e-4 %)
     top1 = np.round(100.0 * np.asarray(jax.device_get(top1), np.float64), 4)
     out = {"top1_mean": float(top1.mean()), "top1_std": float(top1.std()),
@@ -418,7 +404,7 @@ def _result(top1, proto, t0, meta) -> dict:
     return out
 
 
-def _check_test(test_feats, test_labels, dim, num_classes):
+def check_test(test_feats, test_labels, dim, num_classes):
     if test_feats.ndim != 2 or test_feats.shape[1] != dim:
         raise ValueError(f"test features have shape {tuple(test_feats.shape)}, expected [M, {dim}] "
                          "(the backbone's embedding size)")
@@ -437,11 +423,11 @@ def evaluate_features(key, feats, labels, test_feats, test_labels, *, num_classe
     """
     t0 = time.perf_counter()
     feats = jnp.asarray(feats, jnp.float32)
-    _check_test(test_feats, test_labels, feats.shape[-1], num_classes)
+    check_test(test_feats, test_labels, feats.shape[-1], num_classes)
     params = train_linear(key, feats, labels, num_classes=num_classes, cfg=cfg, desc=desc)
     top1 = accuracy(params, jnp.asarray(test_feats), jnp.asarray(test_labels), batch=cfg.eval_batch)
     hp = make_hyper(cfg, feats.shape[0], feats.shape[1], cfg.seeds, full=False)
-    return _result(top1, protocol(cfg, hp, labels, mode="features", augment=False), t0, meta)
+    return result_record(top1, protocol(cfg, hp, labels, mode="features", augment=False), t0, meta)
 
 
 @functools.partial(jax.jit, static_argnames=("batch",))
@@ -449,9 +435,7 @@ def embed_images(embed_fn, images, batch: int = 256):
     """Features [N, D] of un-augmented images [N, H, W, 3], `batch` at a time."""
     n = images.shape[0]
     m = min(batch, n)
-    pad = (-n) % m
-    x = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
-    f = jax.lax.map(lambda b: embed_fn(b).astype(jnp.float32), x.reshape(-1, m, *images.shape[1:]))
+    f = jax.lax.map(lambda b: embed_fn(b).astype(jnp.float32), linear.pad_batches(images, m))
     return f.reshape(-1, f.shape[-1])[:n]
 
 
@@ -476,7 +460,7 @@ def evaluate(key, images, labels, embed_fn: Callable, test_feats, test_labels, *
     out = jax.eval_shape(embed_fn, images[:1])
     if len(out.shape) != 2:
         raise ValueError(f"embed_fn must return [B, D] features, got shape {out.shape}")
-    _check_test(test_feats, test_labels, out.shape[1], num_classes)
+    check_test(test_feats, test_labels, out.shape[1], num_classes)
     if cfg.mode == "features":
         t0 = time.perf_counter()
         feats = embed_images(embed_fn, images, batch=cfg.embed_batch)
@@ -487,9 +471,9 @@ def evaluate(key, images, labels, embed_fn: Callable, test_feats, test_labels, *
     t0 = time.perf_counter()
     augment_fn = default_augment_fn(cfg) if augment_fn is None else augment_fn
     augment_fn = augment_fn if isinstance(augment_fn, Partial) else Partial(augment_fn)
-    source = Partial(_augment_embed, augment_fn, embed_fn, images)
+    source = Partial(augment_embed, augment_fn, embed_fn, images)
     params = train_linear(key, source, labels, num_classes=num_classes, cfg=cfg, desc=desc)
     top1 = accuracy(params, jnp.asarray(test_feats), jnp.asarray(test_labels), batch=cfg.eval_batch)
     hp = make_hyper(cfg, images.shape[0], out.shape[1], cfg.seeds, full=True)
-    return _result(top1, protocol(cfg, hp, labels, mode="full", augment=True), t0, meta)
+    return result_record(top1, protocol(cfg, hp, labels, mode="full", augment=True), t0, meta)
 

@@ -278,7 +278,7 @@ def accelerator_attention() -> None:
     piece and keep them. Measuring on CPU what an accelerator would hold needs the latter.
     """
     from jdd.backbones import vit
-    vit.attention = vit._attention
+    vit.attention = vit.dense_attention
 
 
 def abstract_backbone(arch_name: str, depth: int, crop: int, dtype: str = "float32"):

@@ -278,14 +278,14 @@ def test_chunked_attention_matches_one_piece(monkeypatch, budget_samples):
     batch, tokens, heads, head_dim = 6, 5, 2, 4
     monkeypatch.setattr(vit, "CPU_ATTENTION_CHUNK_BYTES", budget_samples * heads * tokens * tokens * 4)
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (batch, tokens, heads, head_dim)) for i in range(3))
-    np.testing.assert_allclose(vit.attention(q, k, v), vit._attention(q, k, v), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(vit.attention(q, k, v), vit.dense_attention(q, k, v), rtol=1e-6, atol=1e-6)
     loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))  # noqa: E731
     chunked = jax.jit(jax.grad(loss(vit.attention), argnums=(0, 1, 2)))(q, k, v)
-    whole = jax.grad(loss(vit._attention), argnums=(0, 1, 2))(q, k, v)
+    whole = jax.grad(loss(vit.dense_attention), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(chunked, whole):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # the chunk is the largest divisor of the batch within the budget: 6 -> 1 or 3
-    assert vit._largest_divisor_at_most(batch, budget_samples) == {1: 1, 4: 3}[budget_samples]
+    assert vit.largest_divisor_at_most(batch, budget_samples) == {1: 1, 4: 3}[budget_samples]
 
 
 def test_remat_gives_the_same_gradient_with_less_memory():

@@ -84,7 +84,7 @@ def test_lbfgs_fit_reaches_the_newton_optimum():
     y = rng.integers(0, 3, 90)
     x[np.arange(90), y] += 1.0  # overlapping classes: a finite optimum even for the smallest l2
     l2s = np.array([1e-3, 1e-1])
-    params, iters, gnorm = baselines._fit_lbfgs(jax.numpy.asarray(x, np.float32), jax.numpy.asarray(y),
+    params, iters, gnorm = baselines.fit_lbfgs(jax.numpy.asarray(x, np.float32), jax.numpy.asarray(y),
                                                 jax.numpy.asarray(l2s, np.float32), 1e-6, num_classes=3,
                                                 max_iter=500, memory_size=10, chunk=32)  # 90 = 2 * 32 + 26
     for g, l2 in enumerate(l2s):

@@ -321,7 +321,7 @@ def test_activation_model_counts_jax_residuals(monkeypatch, width, depth, heads,
     from jdd import backbones
     from jdd.backbones import convert, vit
     memory = _memory_module()
-    monkeypatch.setattr(vit, "attention", vit._attention)  # the GPU/TPU attention (CPU chunks and remats)
+    monkeypatch.setattr(vit, "attention", vit.dense_attention)  # the GPU/TPU attention (CPU chunks and remats)
     cfg = dataclasses.replace(backbones.family_named("dinov2").config("test", res), width=width, depth=depth,
                               heads=heads, mlp_dim=mlp, patch_size=patch)
     params = convert.unflatten({k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in backbones.param_shapes(cfg).items()})

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from jdd import augment, backbones, probe
+from jdd.methods import linear
 
 N, C, D, RES = 7, 3, 6, 16          # 7 images, batch 3 -> steps of 3, 3 and 1 (a partial last batch)
 PROJ = np.random.default_rng(0).normal(size=(RES * RES * 3, D)) / 8.0
@@ -50,7 +51,7 @@ def reference(key, seed_id, labels, cfg, *, images=None, feats=None):
     Uses the probe's key derivation so that batches and augmented views are the same."""
     y = np.eye(C)[labels] if np.ndim(labels) == 1 else np.asarray(labels, np.float64)
     init_key, run_key = probe.seed_keys(key, seed_id)
-    p0 = probe.init_probe(init_key, D, C, cfg.init_std)
+    p0 = linear.init_probe(init_key, D, C, cfg.init_std)
     fc = torch.nn.Linear(D, C).double()
     with torch.no_grad():
         fc.weight.copy_(torch.tensor(np.asarray(p0["w"], np.float64).T))
@@ -88,7 +89,7 @@ def full_reference(data):
 
 def view_source(images):
     """What evaluate() trains on: features of augmented views (stand-in augmentation and backbone)."""
-    return jax.tree_util.Partial(probe._augment_embed, jax.tree_util.Partial(flip_shift),
+    return jax.tree_util.Partial(probe.augment_embed, jax.tree_util.Partial(flip_shift),
                                  jax.tree_util.Partial(embed_jax), jnp.asarray(images))
 
 
@@ -181,14 +182,14 @@ def test_tiny_vit_evaluation_is_reproducible():
     labels = np.arange(8) % 2
     test_feats = probe.embed_images(embed, jnp.asarray(rng.uniform(size=(8, 32, 32, 3)), jnp.float32))
     cfg = small_cfg(epochs=2, chunk_epochs=1)
-    compiled = probe._train._cache_size()
+    compiled = probe.train_program._cache_size()
     runs = [probe.evaluate(jax.random.PRNGKey(7), images, labels, probe.embedder(bb.apply, bb.params),
                            test_feats, labels, num_classes=2, cfg=cfg, meta={"backbone": bb.name})
             for _ in range(2)]
     assert runs[0]["top1_per_seed"] == runs[1]["top1_per_seed"]
     assert len(runs[0]["top1_per_seed"]) == 2 and runs[0]["backbone"] == "dinov2:test"
     assert runs[0]["protocol"]["augment"] == ["flip", "rrc"] and runs[0]["protocol"]["chunk_epochs"] == 1
-    assert probe._train._cache_size() == compiled + 1  # a fresh, equal embedder reuses the compilation
+    assert probe.train_program._cache_size() == compiled + 1  # a fresh, equal embedder reuses the compilation
     fast = probe.evaluate(jax.random.PRNGKey(7), images, labels, embed, test_feats, labels, num_classes=2,
                           cfg=small_cfg(epochs=2, mode="features"))
     assert fast["protocol"]["name"] == "features-only (fast)" and fast["protocol"]["augment"] == []

@@ -56,7 +56,7 @@ def test_results_are_bit_identical_with_and_without_progress(data, mode, monkeyp
     # and the trained heads themselves, bit for bit
     images, labels, *_ = data
     key = jax.random.PRNGKey(3)
-    src = probe.Partial(probe._augment_embed, probe.Partial(flip_shift), probe.Partial(embed), jnp.asarray(images))
+    src = probe.Partial(probe.augment_embed, probe.Partial(flip_shift), probe.Partial(embed), jnp.asarray(images))
     feats = src if mode == "full" else embed(jnp.asarray(images))
     a = probe.train_linear(key, feats, labels, num_classes=C, cfg=cfg_for(mode, ""))
     b = probe.train_linear(key, feats, labels, num_classes=C, cfg=cfg_for(mode, "log"))

@@ -199,18 +199,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     jax.nn.dot_product_attention(implementation="xla"), and a fused q/k/v projection gained nothing.
     """
     if jax.default_backend() != "cpu":
-        return _attention(q, k, v)
+        return dense_attention(q, k, v)
     batch, queries, heads, _ = q.shape
     per_sample = heads * queries * k.shape[1] * 4
-    chunk = _largest_divisor_at_most(batch, max(1, CPU_ATTENTION_CHUNK_BYTES // per_sample))
+    chunk = largest_divisor_at_most(batch, max(1, CPU_ATTENTION_CHUNK_BYTES // per_sample))
     if chunk == batch:
-        return _attention(q, k, v)
+        return dense_attention(q, k, v)
     split = lambda t: t.reshape(batch // chunk, chunk, *t.shape[1:])  # noqa: E731
-    out = jax.lax.map(jax.checkpoint(lambda qkv: _attention(*qkv)), (split(q), split(k), split(v)))
+    out = jax.lax.map(jax.checkpoint(lambda qkv: dense_attention(*qkv)), (split(q), split(k), split(v)))
     return out.reshape(q.shape)
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Attention in one piece; heads-first layout (faster batched dots on CPU), softmax in float32."""
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k)
@@ -218,7 +218,7 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
 
 
-def _largest_divisor_at_most(n: int, bound: int) -> int:
+def largest_divisor_at_most(n: int, bound: int) -> int:
     """The largest divisor of n that is <= bound (bound >= 1)."""
     return max(d for d in range(1, min(n, bound) + 1) if n % d == 0)
 

@@ -36,9 +36,11 @@ def logits(params, z):
     return z @ params["w"] + params["b"]
 
 
-def softmax_ce(logits_, y):
-    """Mean over rows of the cross-entropy `-sum_k y_k log softmax(logits)_k`; y [n, C] soft targets."""
-    return -jnp.mean(jnp.sum(y * jax.nn.log_softmax(logits_, axis=-1), axis=-1))
+def softmax_ce(logits_, y, mask=None):
+    """Mean over rows of the cross-entropy `-sum_k y_k log softmax(logits)_k`; y [n, C] soft targets.
+    With ``mask`` [n] (1 = a real row, 0 = padding) the mean is over the real rows only."""
+    ce = -jnp.sum(y * jax.nn.log_softmax(logits_, axis=-1), axis=-1)
+    return jnp.mean(ce) if mask is None else jnp.sum(ce * mask) / jnp.sum(mask)
 
 
 def ce_residual(params, z, y):
@@ -55,9 +57,14 @@ def ce_grads(params, z, y):
     return {"w": z.T @ r / n, "b": jnp.mean(r, axis=0)}
 
 
+def correct(logits_, labels):
+    """Whether the top-1 class of logits [..., n, C] is the integer label [n]: bool [..., n]."""
+    return jnp.argmax(logits_, axis=-1) == labels
+
+
 def accuracy(logits_, labels):
     """Top-1 accuracy of logits [n, C] against integer labels [n]."""
-    return jnp.mean((jnp.argmax(logits_, axis=-1) == labels).astype(jnp.float32))
+    return jnp.mean(correct(logits_, labels).astype(jnp.float32))
 
 
 def class_weights(y):
@@ -88,6 +95,17 @@ def init_probe(key, feat_dim: int, num_classes: int, std: float):
     """A random probe: w ~ N(0, std^2) [D, C], b = 0 [C]."""
     return {"w": std * jax.random.normal(key, (feat_dim, num_classes), jnp.float32),
             "b": jnp.zeros((num_classes,), jnp.float32)}
+
+
+def pad_batches(x, batch: int, fill=0):
+    """x [n, ...] padded with ``fill`` rows to a multiple of ``batch`` and split: [ceil(n / batch), batch, ...].
+
+    The one pad-and-batch of the project (probe training, test accuracy, embedding, full-data fits):
+    callers mask or drop the padded rows (labels padded with -1 never match a prediction).
+    """
+    pad = (-x.shape[0]) % batch
+    x = jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
+    return x.reshape(-1, batch, *x.shape[1:])
 
 
 def flatten(params):
