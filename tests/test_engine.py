@@ -258,3 +258,75 @@ def test_budget_stops_at_a_logging_step_and_exports(tiny_data, tmp_path):
     assert steps == [2]
     assert (tmp_path / "distilled.npz").exists()
     assert sorted(os.listdir(tmp_path / "checkpoints"))[-1].endswith("2")
+
+
+def test_sfm_needs_no_real_batch(tiny_data, tmp_path):
+    """A method with needs_real=False (SFM: class statistics prepared once from the cache) runs with no
+    real input to the step at all, and moves the images."""
+    from jdd import context, loop, step as step_lib
+    tiny = _load_tiny()
+    cfg = tiny.get_config(f"data={tiny_data},steps=3,method=sfm")
+    ctx = context.build(cfg, str(tmp_path / "probe"))
+    assert ctx.spec.real_source == "none"
+    state = step_lib.init_state(distill.jax.random.PRNGKey(0), ctx.spec, method=ctx.method,
+                                feat_dim=ctx.backbone.embed_dim, init_images=None)
+    consts = ctx.method.prepare(distill.jax.random.PRNGKey(1), *_prepared_inputs(ctx), ctx.spec.num_classes,
+                                ctx.spec.method_cfg)
+    step = loop.jitted_step(ctx.spec, ctx.method, ctx.mesh, ctx.embed, donate=False)
+    _, metrics = step(state, consts, ctx.backbone.params, {})  # no real batch, no cache arrays
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["finite"]) == 1.0
+    distill.run(cfg, str(tmp_path / "sfm"))
+    distill.run(tiny.get_config(f"data={tiny_data},steps=0,method=sfm"), str(tmp_path / "start"))
+    assert np.abs(images_of(tmp_path / "sfm")[0] - images_of(tmp_path / "start")[0]).max() > 1e-3
+
+
+def _prepared_inputs(ctx):
+    cache = distill.train_cache(ctx)
+    return cache.view(0), cache.labels
+
+
+def test_coarse_to_fine_compiles_one_step_per_resolution(tiny_data, tmp_path):
+    """augment.res_schedule: crops at 16 px before step 2, then at crop_res (32); bad items are refused."""
+    from jdd import step as step_lib
+    tiny = _load_tiny()
+    cfg = tiny.get_config(f"data={tiny_data},steps=4")
+    cfg.augment.res_schedule = "16:2"
+    spec = step_lib.make_spec(cfg, 4, distill.context.methods.get("clp"))
+    assert [spec.at_step(t).crop_res for t in range(4)] == [16, 16, 32, 32]
+    distill.run(cfg, str(tmp_path / "c2f"))
+    distill.run(tiny.get_config(f"data={tiny_data},steps=4"), str(tmp_path / "plain"))
+    a, b = images_of(tmp_path / "c2f")[0], images_of(tmp_path / "plain")[0]
+    assert np.isfinite(a).all() and np.abs(a - b).max() > 1e-4  # the low-resolution steps took another path
+    cfg.augment.res_schedule = "12:2"  # not a multiple of the tiny ViT's patch (8)
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        distill.run(cfg, str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="RES:UNTIL_STEP"):
+        step_lib.parse_res_schedule("16-2")
+
+
+def test_non_finite_loss_stops_before_any_checkpoint_of_it(tiny_data, tmp_path):
+    """Finite checkpoints at steps 2 and 4; resumed with a temperature that overflows the loss, the run
+    stops at the next checkpoint step (6, not a logging step) without writing it, keeps step 4 and says
+    how to continue; continuing with the old value from step 4 works."""
+    import orbax.checkpoint as ocp
+    from jdd import loop
+    tiny = _load_tiny()
+    distill.run(tiny.get_config(f"data={tiny_data},steps=4"), str(tmp_path))
+    assert _checkpoint_steps(tmp_path) == [2, 4]
+    cfg = tiny.get_config(f"data={tiny_data},steps=8")
+    cfg.log_every = 4
+    cfg.method.temperature = 1e-30  # logits / T overflow: the loss is not finite from step 5 on
+    cfg.resume_allow = "method.temperature"
+    with pytest.raises(loop.NonFiniteError, match=r"between steps 4 and 6.*checkpoint of step 4.*resume_allow"):
+        distill.run(cfg, str(tmp_path))
+    assert _checkpoint_steps(tmp_path) == [2, 4]
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(tmp_path / "checkpoints" / "4" / "state")
+    assert all(np.isfinite(np.asarray(x)).all() for x in distill.jax.tree.leaves(state)
+               if np.issubdtype(np.asarray(x).dtype, np.floating))
+    # Without resume_allow the changed value is refused, naming the key and the way to allow it.
+    cfg.resume_allow = ""
+    with pytest.raises(ValueError, match="method.temperature.*resume_allow"):
+        distill.run(cfg, str(tmp_path))
+    distill.run(tiny.get_config(f"data={tiny_data},steps=8"), str(tmp_path))
+    assert _checkpoint_steps(tmp_path)[-1] == 8
