@@ -37,8 +37,8 @@ log = logging.getLogger("jdd")
 DAMAGE_ERRORS = (Exception,)
 
 
-class CheckpointsDamaged(RuntimeError):
-    """Every checkpoint in the directory failed to restore."""
+class CheckpointsDamaged(OSError):
+    """Every checkpoint in the directory failed to restore (its files are unreadable)."""
 
 
 class Checkpointer:

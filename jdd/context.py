@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdd import augment, backbones, data, methods, parallel, probe, step as step_lib, synsets
+from jdd import augment, backbones, data, methods, parallel, probe, step as step_lib, synsets, validation
 
 log = logging.getLogger("jdd")
 
@@ -163,8 +163,12 @@ class FeatureCaches:
             key.update(ops=self.aug_ops, rrc_scale=list(self.rrc_scale), noise_std=self.noise_std)
         return key
 
-    def get(self, source, split: str, backbone, embed, *, views: int = 1):
-        """The cache of ``split`` (``views`` > 1: augmented views of each image) under ``embed``."""
+    def get(self, source, split: str, backbone, embed, *, views: int = 1, exclude_unreadable: bool = False):
+        """The cache of ``split`` (``views`` > 1: augmented views of each image) under ``embed``.
+
+        ``exclude_unreadable`` (for a test split): images that cannot be decoded are left out, never
+        replaced, and listed in the cache's ``skipped``.
+        """
         aug = None
         if views > 1:
             ops = augment.parse_ops(self.aug_ops)
@@ -177,7 +181,8 @@ class FeatureCaches:
         return parallel.main_first(
             lambda: data.feature_cache(source, encode, key=self.key(split, backbone.name, views),
                                        cache_dir=self.cache_dir, res=self.real_res, crop_res=self.crop_res,
-                                       views=views, augment=aug, seed=self.seed),
+                                       views=views, augment=aug, seed=self.seed,
+                                       exclude_unreadable=exclude_unreadable),
             name=f"feature_cache:{split}")
 
 
@@ -185,6 +190,7 @@ class FeatureCaches:
 
 def build(config, workdir: str) -> Context:
     """Devices, backbone, sources, checks and the step's description for ``config``."""
+    validation.validate_config(config)
     parallel.initialize(config.parallel.multihost or None)
     mesh = parallel.make_mesh(config.parallel.num_devices or None)
     method = methods.get(config.method_name)

@@ -8,6 +8,7 @@ distilled set, or ``eval_npz``), "baselines" (real-image baselines and the full-
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from jdd import context, data, evaluators, loop, parallel, results as results_lib, sets, step as step_lib
+from jdd import workdir as workdir_lib
 
 log = logging.getLogger("jdd")
 
@@ -39,15 +41,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = "distill
         return sets.export_all(workdir, sets.load_set(set_path))
     t_start = time.time()
     ctx = context.build(config, workdir)
-    if mode == "baselines":
-        return evaluate(ctx, None)
-    if mode == "eval":
-        the_set = sets.load_set(set_path, class_names=ctx.train.class_names)
-    else:
-        the_set = distill(ctx, t_start=t_start)
-    if mode == "eval" or config.eval.enabled:
-        return evaluate(ctx, the_set)
-    return {}
+    # One run per workdir: process 0 holds the lock (every process of a multi-host run shares the workdir).
+    with workdir_lib.lock(workdir) if parallel.is_main_process() else contextlib.nullcontext():
+        if mode == "baselines":
+            return evaluate(ctx, None)
+        if mode == "eval":
+            the_set = sets.load_set(set_path, class_names=ctx.train.class_names)
+        else:
+            the_set = distill(ctx, t_start=t_start)
+        if mode == "eval" or config.eval.enabled:
+            return evaluate(ctx, the_set)
+        return {}
 
 
 def train_cache(ctx: context.Context, views: int = 1):
@@ -111,11 +115,15 @@ def evaluate(ctx: context.Context, the_set: dict | None) -> dict:
     no set, the real-image baselines; writes results.json / results.md (process 0)."""
     c = ctx.config
     bb, embed = _eval_backbone(ctx)
-    test = ctx.caches.get(ctx.test, c.data.test_split, bb, embed)
+    test = ctx.caches.get(ctx.test, c.data.test_split, bb, embed, exclude_unreadable=True)
     cfg = evaluators.probe_config(c.eval, c.data.crop_res)
     key = jax.random.PRNGKey(c.seed + 1)
     meta = {"backbone": bb.name, "feature": c.backbone.feature, "dataset": c.data.name,
-            "classes": ctx.train.num_classes, "crop_res": c.data.crop_res, "ipc": c.syn.ipc}
+            "classes": ctx.train.num_classes, "crop_res": c.data.crop_res, "ipc": c.syn.ipc,
+            "test_images": len(test.labels), "test_unreadable_excluded": test.num_skipped}
+    if test.num_skipped:
+        log.warning("%d test images could not be read and are left out of top-1: %s", test.num_skipped,
+                    list(test.skipped)[:10])
     results = {}
     if the_set is not None:
         name = f"distilled ({c.method_name})"

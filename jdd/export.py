@@ -9,15 +9,16 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from jdd import workdir as workdir_lib
+
 
 def save_npz(path: str, images: np.ndarray, labels: np.ndarray, class_names: list[str],
              soft_labels: np.ndarray | None = None) -> None:
     """``images`` [M, H, W, 3] float32 in [0, 1]; ``labels`` [M] int32; optional [M, C] soft labels."""
     extra = {} if soft_labels is None else {"soft_labels": soft_labels.astype(np.float32)}
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, images=images.astype(np.float32), labels=labels.astype(np.int32),
-                        class_names=np.asarray(class_names), **extra)
-    os.replace(tmp, path)
+    with workdir_lib.atomic_open(path, "wb") as f:  # never a half-written set, even on a kill
+        np.savez_compressed(f, images=images.astype(np.float32), labels=labels.astype(np.int32),
+                            class_names=np.asarray(class_names), **extra)
 
 
 def load_npz(path: str) -> dict:
@@ -64,14 +65,15 @@ def grid_png(path: str, images: np.ndarray, labels: np.ndarray, class_names: lis
 class MetricWriter:
     """JSON lines in ``<workdir>/metrics.jsonl`` plus TensorBoard event files; process 0 only."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
         self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
         try:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            # purge_step: a resumed run drops the events an interrupted one logged after its checkpoint.
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step or None)
         except ImportError:  # TensorBoard files are a convenience, the JSON lines are the record.
             self._tb = None
 

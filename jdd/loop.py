@@ -229,7 +229,7 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
             step_fns[spec_t.crop_res] = jitted_step(spec_t, method, mesh, embed, shard_state_mb=shard_state_mb)
         return step_fns[spec_t.crop_res](*args)
     real_iter = batches(start) if batches is not None else None
-    writer = export.MetricWriter(workdir, enabled=main)
+    writer = export.MetricWriter(workdir, enabled=main, start_step=start)
     bar = tqdm(total=schedule.steps, initial=start, desc="distil", disable=not main, dynamic_ncols=True)
     best = _BestSet(workdir, class_names, enabled=schedule.keep_best)
     # Tracks since the best one (tracks fall on multiples of track_every, so a resume recovers it).

@@ -360,7 +360,7 @@ def test_tfds_tfrecord_without_tensorflow_and_saved_index(tiny_tfds, tmp_path, m
     ref = jd.load_source("tfds:jdd_tiny_images", "train", data_dir=str(tiny_tfds))
     monkeypatch.setattr(tfds_source, "INDEX_CACHE_MIN_EXAMPLES", 1)  # save the index even for 14 examples
     src = jd.load_source("tfds:jdd_tiny_images", "train", data_dir=str(tfr_dir))
-    assert isinstance(src._records, tfds_source._TFRecordExamples)
+    assert isinstance(src._records, tfds_source.TFRecordExamples)
     np.testing.assert_array_equal(src.labels, ref.labels)
     for i in range(len(src)):
         np.testing.assert_array_equal(src.read(i), ref.read(i))

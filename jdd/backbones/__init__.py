@@ -25,8 +25,8 @@ from jdd.backbones.convert import ConversionError
 from jdd.backbones.families import FAMILIES, TEST_VARIANT, Family, family_named, family_of_config
 from jdd.backbones.vit import ViT, ViTConfig
 
-__all__ = ["Backbone", "ConversionError", "FAMILIES", "TEST_VARIANT", "ViTConfig", "check_image_size", "create",
-           "load", "param_shapes", "random_params", "variants"]
+__all__ = ["Backbone", "ConversionError", "FAMILIES", "TEST_VARIANT", "ViTConfig", "check_image_size", "config_of",
+           "create", "load", "param_shapes", "random_params", "variants"]
 
 COMPUTE_DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -146,6 +146,24 @@ def create(family: str, variant: str, *, image_size: int | None = None, seed: in
     return _make(fam, cfg, params, f"{family}:{variant}", dtype)
 
 
+def _family_and_config(directory, config: dict) -> tuple[Family, ViTConfig]:
+    """The family and ViTConfig of a checkpoint's config.json; errors name the file."""
+    path = directory / hub.CONFIG
+    try:
+        fam = family_of_config(config)
+        return fam, fam.from_hf(config)
+    except KeyError as err:
+        raise ValueError(f"{path} lacks the field {err.args[0]!r} that a {config.get('model_type') or 'timm'} "
+                         f"config needs; fix the file or {hub.REFETCH}") from None
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def config_of(directory) -> ViTConfig:
+    """The ViTConfig (patch size, widths, ...) of a local checkpoint directory, without its weights."""
+    return _family_and_config(directory, hub.read_config(directory))[1]
+
+
 def load(spec: str, *, dtype=jnp.float32) -> Backbone:
     """A pre-trained backbone from a checkpoint directory, or a hub name (needs the hub).
 
@@ -159,8 +177,7 @@ def load(spec: str, *, dtype=jnp.float32) -> Backbone:
     _check_dtype(dtype)
     directory = hub.resolve(spec)
     config = hub.read_config(directory)
-    fam = family_of_config(config)
-    cfg = fam.from_hf(config)
+    fam, cfg = _family_and_config(directory, config)
     normalisation = hub.read_normalisation(directory)
     if normalisation is not None:
         cfg = dataclasses.replace(cfg, mean=normalisation[0], std=normalisation[1])

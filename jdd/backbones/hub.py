@@ -26,6 +26,15 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
 TIMM_HUB_PREFIX = "hf-hub:"  # how timm names hub models, e.g. "hf-hub:timm/eva02_base_patch14_224.mim_in22k"
 
 
+def is_local(spec: str) -> bool:
+    """Whether `spec` names a local path (existing, or not shaped like a hub repo id), as `resolve` decides."""
+    path = pathlib.Path(spec).expanduser()
+    if spec.startswith(TIMM_HUB_PREFIX) and not path.exists():
+        spec = spec[len(TIMM_HUB_PREFIX):]
+        path = pathlib.Path(spec)
+    return path.exists() or not _REPO_ID.match(spec) or spec.startswith(".")
+
+
 def resolve(spec: str) -> pathlib.Path:
     """A local checkpoint directory for `spec`: the directory itself, or a hub snapshot of the repo id.
 
@@ -38,7 +47,8 @@ def resolve(spec: str) -> pathlib.Path:
         path = pathlib.Path(spec)
     if path.exists() or not _REPO_ID.match(spec) or spec.startswith("."):
         if not path.is_dir():
-            raise FileNotFoundError(f"backbone checkpoint directory {path} does not exist")
+            raise FileNotFoundError(f"backbone checkpoint directory {path} does not exist; pass a Hugging Face or "
+                                    f"timm checkpoint directory ({CONFIG} + weights) or a hub name")
         if not (path / CONFIG).is_file():
             raise FileNotFoundError(f"{path} has no {CONFIG}: pass a Hugging Face or timm checkpoint directory "
                                     f"(config.json + {SAFETENSORS} or {PICKLE})")
@@ -63,9 +73,22 @@ def _download(repo_id: str) -> pathlib.Path:
                       f"no local directory of that name; {hint}") from err
 
 
+REFETCH = "download the checkpoint again (or copy it again from where it came from)"
+
+
 def read_json(path: pathlib.Path) -> dict:
+    """A checkpoint JSON file as a dict; a ValueError naming the file when it is not valid JSON."""
     with open(path) as f:
-        return json.load(f)
+        text = f.read()
+    try:
+        out = json.loads(text)
+    except ValueError as err:
+        what = "empty" if not text.strip() else f"not valid JSON ({getattr(err, 'msg', err)} at line " \
+            f"{getattr(err, 'lineno', '?')}, column {getattr(err, 'colno', '?')})"
+        raise ValueError(f"{path} is {what}; fix the file or {REFETCH}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path} holds a JSON {type(out).__name__}, not an object; fix the file or {REFETCH}")
+    return out
 
 
 def read_config(directory: pathlib.Path) -> dict:
@@ -84,10 +107,22 @@ def read_normalisation(directory: pathlib.Path) -> tuple[tuple, tuple] | None:
     return tuple(map(float, config["image_mean"])), tuple(map(float, config["image_std"]))
 
 
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """One safetensors file; a ValueError naming it when it is truncated or not safetensors at all."""
+    from safetensors.numpy import load_file
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing (listed by the checkpoint's index); {REFETCH}") from None
+    except Exception as err:  # safetensors raises its own SafetensorError (header, truncation) or OSError
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} ({path.stat().st_size} bytes) is damaged or truncated ({reason}); "
+                         f"{REFETCH}") from None
+
+
 def read_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
     """All checkpoint tensors of `directory` by name, as NumPy arrays (dtype as stored)."""
-    from safetensors.numpy import load_file
-
+    load_file = _load_safetensors
     if (directory / SAFETENSORS).is_file():
         return load_file(directory / SAFETENSORS)
     if (directory / SAFETENSORS_INDEX).is_file():
@@ -109,5 +144,9 @@ def _read_pickle(path: pathlib.Path) -> dict[str, np.ndarray]:
     except ImportError as err:
         raise ImportError(f"{path} is a PyTorch pickle and reading it needs torch (pip install torch); "
                           "or convert the checkpoint to model.safetensors") from err
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip / pickle: torch's messages do not say which file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is damaged or truncated ({reason}); {REFETCH}") from None
     return {k: v.detach().float().numpy() for k, v in state.items()}

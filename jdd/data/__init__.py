@@ -11,7 +11,8 @@ from jdd.data.batches import (balanced_batch, balanced_batches, class_samples, e
 from jdd.data.cache import FeatureCache, feature_cache
 from jdd.data.loader import ImageSpec
 from jdd.data.images import preprocess
-from jdd.data.sources import NAMED_SUBSETS, TFDS_NAMES, Source, load_source
+from jdd.data.datasets import load_source
+from jdd.data.sources import NAMED_SUBSETS, TFDS_NAMES, Source
 
 __all__ = [
     "FeatureCache", "ImageSpec", "NAMED_SUBSETS", "Source", "TFDS_NAMES", "balanced_batch", "balanced_batches",

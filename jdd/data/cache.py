@@ -41,11 +41,42 @@ AugmentFn = Callable[[int, np.ndarray], Any]  # (uint32 seed, images [B, H, W, 3
 
 @dataclasses.dataclass
 class FeatureCache:
-    """Cached features of one split: features [N, views, D] (memory-mapped, read-only), labels [N]."""
+    """Cached features of one split: features [N, views, D] (memory-mapped, read-only), labels [N].
+
+    The cache stores a row for every source image; an unreadable image's row holds the features of
+    a readable image of its class (what a training sampler wants). :meth:`excluding_unreadable`
+    drops those rows (what a test split needs: a substitute would be counted twice in top-1);
+    ``skipped`` then lists the source indices left out and ``indices`` the source index of each row.
+    """
     path: str
     features: np.ndarray
     labels: np.ndarray
     meta: dict
+    skipped: tuple[int, ...] = ()
+    indices: np.ndarray | None = None  # source index of each row; None = row i is image i
+
+    @property
+    def unreadable(self) -> list[int]:
+        """Source indices of the images that could not be decoded when the cache was built."""
+        return [int(i) for i in self.meta.get("unreadable", [])]
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def excluding_unreadable(self) -> "FeatureCache":
+        """This cache without the rows of unreadable images (features copied to memory if any)."""
+        bad = np.asarray(self.unreadable, np.int64)
+        if not len(bad) or self.skipped:
+            return self
+        keep = np.setdiff1d(np.arange(len(self.labels)), bad)
+        if not len(keep):
+            raise ValueError(f"every image behind the feature cache {self.path} was unreadable; check the "
+                             f"image files of that split")
+        log.warning("%d unreadable image(s) of %s are left out of this split (%d of %d images kept): %s",
+                    len(bad), self.path, len(keep), len(self.labels), bad[:20].tolist())
+        return dataclasses.replace(self, features=np.asarray(self.features[keep]), labels=self.labels[keep],
+                                   skipped=tuple(bad.tolist()), indices=keep)
 
     @property
     def num_classes(self) -> int:
@@ -136,8 +167,11 @@ def _check_args(res: int, crop_res: int, views: int, augment, batch_size: int, d
 def feature_cache(source: Source, embed_fn: EmbedFn, *, key: dict | str, cache_dir: str, res: int,
                   crop_res: int, views: int = 1, augment: AugmentFn | None = None, batch_size: int = 64,
                   seed: int = 0, dtype=np.float32, workers: int | None = None, prefetch: int = 2,
-                  draft: bool = True, progress: bool = True) -> FeatureCache:
+                  draft: bool = True, progress: bool = True, exclude_unreadable: bool = False) -> FeatureCache:
     """Returns the cached features of `source` under `embed_fn`, encoding only what is missing.
+
+    exclude_unreadable: leave the rows of images that cannot be decoded out of the returned cache
+    (for a test split; see `FeatureCache.excluding_unreadable`); by default they hold a substitute.
 
     Images are centre-cropped (resize shorter side to `res`, crop `crop_res`), then, when `augment`
     is given, augmented `views` times with seeds derived from (seed, batch start, view). embed_fn
@@ -163,7 +197,8 @@ def feature_cache(source: Source, embed_fn: EmbedFn, *, key: dict | str, cache_d
                    ImageSpec(res, crop_res, draft), workers, prefetch, progress)
         elif _canonical(meta["full_key"]) != _canonical(full_key):
             raise ValueError(f"feature cache {path} was built for another key: {meta['full_key']}; delete it")
-    return FeatureCache.open(path)
+    cache = FeatureCache.open(path)
+    return cache.excluding_unreadable() if exclude_unreadable else cache
 
 
 def _embed(embed_fn: EmbedFn, images: np.ndarray, batch_size: int, dim: int | None) -> np.ndarray:
@@ -219,8 +254,8 @@ def _build(source: Source, embed_fn: EmbedFn, path: str, full_key: dict, batch_s
         bar.close()
     unreadable = sorted(unreadable_before | set(source.unreadable))
     if unreadable:
-        log.warning("%d unreadable images were replaced by another image of their class: %s",
-                    len(unreadable), unreadable[:20])
+        log.warning("%d unreadable images (their rows hold another image of their class; a test split "
+                    "leaves them out): %s", len(unreadable), unreadable[:20])
     meta = {"full_key": full_key, "num_examples": n, "views": views, "dim": dim, "dtype": np.dtype(dtype).name,
             "num_classes": source.num_classes, "class_ids": source.class_ids, "class_names": source.class_names,
             "unreadable": unreadable, "build_seconds_last_session": round(time.time() - start, 1)}

@@ -6,6 +6,13 @@ Pixels stay in [0, 1]; normalisation belongs to the backbone.
 
 Every function here works on one image and releases the GIL inside PIL's C code (JPEG/PNG
 decoding and resampling), so a thread pool decodes in parallel.
+
+Every PIL mode becomes 8-bit RGB by :func:`to_rgb`, with the value range the mode stands for:
+16-bit grayscale ("I;16*", and "I" as PNG decodes 16-bit files) is scaled from 0..65535, float "F"
+from 0..1 (or 0..255 when any value exceeds 1, the scale PIL's own conversions write), and images
+with transparency (RGBA, LA, PA, premultiplied RGBa/La, P or L/RGB with a transparent colour) are
+composited on white: what a viewer shows, whereas dropping alpha would expose whatever colour the
+encoder left under transparent pixels (often black). CMYK, 1-bit, L, P and YCbCr use PIL's conversion.
 """
 from __future__ import annotations
 
@@ -44,13 +51,38 @@ def decode(data: Encoded, min_side: int | None = None) -> Image.Image:
             raise ValueError(f"expected a uint8 [H, W(, C)] image, got {data.dtype} {data.shape}")
         if data.ndim == 3 and data.shape[-1] == 1:
             data = data[..., 0]
-        return Image.fromarray(data).convert("RGB")
+        return to_rgb(Image.fromarray(data))
     img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     if min_side is not None and img.format == "JPEG":
         # draft((w, h)) keeps both sides >= the request, hence the shorter side >= min_side.
         img.draft("RGB", (int(min_side), int(min_side)))
     img.load()  # decode now, so truncated files fail here and not later
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return to_rgb(img)
+
+
+# Modes holding 16-bit (or wider) integer samples; PNG 16-bit grayscale opens as "I;16" or "I".
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_WHITE = (255, 255, 255, 255)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image of any PIL mode as 8-bit RGB with the value range its mode stands for (module doc)."""
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode in _WIDE_INT_MODES:
+        # PIL's own "I;16" -> "RGB" clips at 255, so every 16-bit value above 255 came out white.
+        wide = np.clip(np.asarray(img, np.float64), 0, 65535)
+        return Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(img, np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        return Image.fromarray(np.rint(np.clip(values * scale, 0, 255)).astype(np.uint8), "L").convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:

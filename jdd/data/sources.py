@@ -6,6 +6,7 @@ A `Source` is one split of one dataset, optionally restricted to a subset of its
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.resources
 import logging
@@ -16,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from jdd.data import images as pp
+from jdd.data import class_names, images as pp
 
 log = logging.getLogger(__name__)
 
@@ -242,13 +243,13 @@ def load_imagefolder(split: str, data_dir: str | None, classes=None) -> ImageFol
         raise ValueError(f"the imagefolder source needs data_dir: the root of {IMAGEFOLDER_LAYOUT}")
     root = os.path.abspath(os.path.expanduser(str(data_dir)))
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"dataset directory {root} does not exist; expected {IMAGEFOLDER_LAYOUT}")
+        raise _missing_root(root)
     split_name, split_dir = _resolve_split_dir(root, split)
     all_ids = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
     if not all_ids:
         raise FileNotFoundError(f"{split_dir} has no class directories; expected {IMAGEFOLDER_LAYOUT}")
     names = _read_names_tsv(root)
-    all_names = [names.get(c, c) for c in all_ids]
+    all_names = class_names.human_names(all_ids, names)  # classes.tsv, else ImageNet's table, else the id
     picked = resolve_classes(classes, all_ids, all_names)
     files, labels = [], []
     for new, k in enumerate(picked):
@@ -271,20 +272,75 @@ TFDS_NAMES = ("imagenet2012", "imagenette", "imagewoof", "cifar10", "cifar100", 
               "oxford_flowers102", "food101", "stanford_dogs")
 
 
-def load_source(name: str, split: str, *, data_dir: str | None = None,
-                classes: str | Sequence | None = None) -> Source:
-    """Opens one split of a dataset by name.
+def is_tfds_name(name: str) -> bool:
+    """Whether ``name`` is read through TFDS (a known builder, optionally with a config, or tfds:...)."""
+    return name.startswith("tfds:") or name.split("/")[0] in TFDS_NAMES
 
-    name: "imagefolder" (data_dir = root with train/ val/), a TFDS builder from TFDS_NAMES, optionally
-    with a config ("imagenette/320px-v2"), or "tfds:<any TFDS builder>". data_dir: the ImageFolder
-    root or the TFDS data_dir (None = TFDS default). classes: None (all), "imagenet100", a file of
-    ids, or a list of wnids / integer ids; labels are re-indexed 0..C-1 in the given order.
+
+def _missing_root(root: str) -> FileNotFoundError:
+    return FileNotFoundError(f"dataset directory {root} does not exist{_near_names(root)}; expected "
+                             f"{IMAGEFOLDER_LAYOUT}")
+
+
+def _near_names(path: str) -> str:
+    """' (did you mean X?)' for a sibling of a missing path with a similar name, else ''."""
+    parent, base = os.path.split(path.rstrip(os.sep))
+    if not os.path.isdir(parent):
+        return f" (nor does its parent {parent})"
+    close = difflib.get_close_matches(base, os.listdir(parent), n=1, cutoff=0.6)
+    return f" (did you mean {os.path.join(parent, close[0])}?)" if close else ""
+
+
+def _looks_like_imagefolder(root: str, max_dirs: int = 64) -> bool:
+    """A split directory (val/, validation/, test/) or image files at most one level down."""
+    if any(os.path.isdir(os.path.join(root, s)) for s in SPLIT_ALIASES):
+        return True
+    with os.scandir(root) as it:
+        entries = list(it)
+    if any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries):
+        return True
+    for e in [e for e in entries if e.is_dir()][:max_dirs]:
+        with os.scandir(e.path) as it:
+            if any(f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS) for f in it):
+                return True
+    return False
+
+
+def check_data_dir(name: str, data_dir: str | None) -> None:
+    """Refuses a local ``data_dir`` that is neither an ImageFolder tree nor a TFDS data_dir of ``name``.
+
+    Cheap (a few stat calls), so it runs before anything heavy. It exists because a config that
+    gets a path without ``train/`` falls back to a TFDS name, and a missing or misspelled ImageFolder
+    path then used to surface as "TFDS dataset not prepared: install TensorFlow": the wrong fix.
+    A directory with ``<builder>/`` inside (what ``tfds build --data_dir`` writes), or one with
+    nothing of an ImageFolder tree in it (no split directory, no images), is left to TFDS, which
+    says how to prepare the dataset there.
     """
+    if not data_dir:
+        return
+    root = os.path.abspath(os.path.expanduser(str(data_dir)))
     if name == "imagefolder":
-        return load_imagefolder(split, data_dir, classes)
-    tfds_name = name[len("tfds:"):] if name.startswith("tfds:") else name
-    if name.startswith("tfds:") or tfds_name.split("/")[0] in TFDS_NAMES:
-        from jdd.data import tfds_source  # lazy: tensorflow_datasets is a heavy import
-        return tfds_source.load_tfds(tfds_name, split, data_dir=data_dir, classes=classes)
-    raise ValueError(f"unknown dataset {name!r}; known: 'imagefolder', {', '.join(TFDS_NAMES)}, "
-                     f"or 'tfds:<builder name>'")
+        if not os.path.isdir(root):
+            raise _missing_root(root)
+        return  # load_imagefolder names a missing split and lists what is there
+    expected = f"no ImageFolder tree at {root} (expected {os.path.join(root, 'train', '<class>', '*.jpg')})"
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"{expected}: the directory does not exist{_near_names(root)}; fix the path")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"{expected}: it is a file, not a directory; pass the root directory "
+                                 f"that holds train/ and val/")
+    tfds = is_tfds_name(name)
+    builder = (name[len("tfds:"):] if name.startswith("tfds:") else name).split("/")[0]
+    if tfds and os.path.isdir(os.path.join(root, builder)):
+        return  # a TFDS data_dir: TFDS says whether this dataset is prepared there
+    if os.path.isdir(os.path.join(root, "train")):
+        raise ValueError(f"{root} is an ImageFolder tree but data.name is {name!r}: set "
+                         f"--config.data.name=imagefolder (or pass the directory as the config's data= argument)")
+    present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))[:8]
+    if tfds and not _looks_like_imagefolder(root):
+        return  # empty or unrelated: a TFDS data_dir to be, and TFDS says how to prepare it
+    if tfds:
+        raise FileNotFoundError(f"{expected}, and no TFDS {builder!r} data in it either (subdirectories: "
+                                f"{present}); fix the path, or prepare TFDS data there with "
+                                f"`tfds build {builder} --data_dir={root}`")
+    raise FileNotFoundError(f"{expected}: it has no train/ (subdirectories: {present}); fix the path")

@@ -70,7 +70,7 @@ def _image_decoders(builder: Any, tfds: Any) -> dict:
     return {k: tfds.decode.SkipDecoding() for k, f in feats.items() if isinstance(f, tfds.features.Image)}
 
 
-class _TFRecordExamples(Sequence):
+class TFRecordExamples(Sequence):
     """Decoded-features view over raw TFRecord records (mirrors TFDS's data sources)."""
 
     def __init__(self, index: tfrecord.TFRecordIndex, features: Any, decoders: dict):
@@ -100,7 +100,7 @@ def _open_records(name: str, builder: Any, split: str, data_dir: str | None, tfd
         # Prepared as TFRecord, which TFDS reads only through tf.data: index the shards ourselves.
         from tensorflow_datasets.core.data_sources import base as tfds_base
         index = _tfrecord_index(builder, split, tfds_base.file_instructions(builder.info, split))
-        return _TFRecordExamples(index, builder.info.features, decoders)
+        return TFRecordExamples(index, builder.info.features, decoders)
     if len(records):
         try:
             records[0]
