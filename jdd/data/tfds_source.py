@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 
 from jdd.data import sources
-from jdd.data import tfrecord
+from jdd.data import class_names, tfrecord
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def _ids_and_names(label_names: list[str]) -> tuple[list[str], list[str]]:
     matches = [_WNID_NAME.match(s) for s in label_names]
     if all(matches):
         return [m.group(1) for m in matches], [m.group(2).replace("_", " ") for m in matches]
-    return list(label_names), list(label_names)
+    return list(label_names), class_names.human_names(list(label_names))  # bare wnids get ILSVRC names
 
 
 def load_tfds(name: str, split: str, *, data_dir: str | None = None, classes=None) -> TfdsSource:
