@@ -165,8 +165,7 @@ FREE_TEXT = ("data.name", "data.data_dir", "data.classes", "data.train_split", "
 # 0.1, so [1e-4, 1e4] leaves three orders of magnitude either way; above 1e4 the softmax is flat.
 _TEMPERATURE_WHY = "the loss and its gradients scale as 1/T; T=1e-30 overflowed to NaN; the default is 0.1"
 METHOD_RULES: dict[str, tuple[Rule, ...]] = {
-    "clp": (Rule("method.ridge", zero_or(positive(), "auto: clip(C / 10, 1, 10)"),
-                 "0 is the automatic ridge; a positive value fixes it"),
+    "clp": (Rule("method.ridge", positive(), "0 makes the ridge solve singular when features repeat"),
             Rule("method.temperature", real(1e-4, 1e4), _TEMPERATURE_WHY),
             Rule("method.outer", one_of(("ce", "mse"))),
             Rule("method.form", one_of(("auto", "dual", "primal")))),

@@ -388,19 +388,3 @@ def test_ncfm_zero_when_syn_is_real_and_sampler_is_trainable():
     assert float(jnp.abs(g["max"]["sampler"][0]["w"]).sum()) > 0
     with pytest.raises(ValueError, match="init_params"):
         ncfm.loss({"min": {}, "max": {}}, {}, KEY, syn2, real, cfg)
-
-
-@pytest.mark.parametrize("num_classes,expected", [(2, 1.0), (10, 1.0), (40, 4.0), (100, 10.0), (1000, 10.0)])
-def test_clp_auto_ridge_is_a_function_of_the_class_count(num_classes, expected):
-    """ridge = 0 (the default) uses auto_ridge(C) = clip(C / 10, 1, 10), the same loss as that fixed ridge."""
-    assert clp.auto_ridge(num_classes) == expected
-    rng = np.random.default_rng(num_classes)
-    zs = rng.normal(size=(num_classes, 8)).astype(np.float32)
-    zr = rng.normal(size=(3 * num_classes, 8)).astype(np.float32)
-    syn = {"feats": jnp.asarray(zs), "labels": jax.nn.one_hot(jnp.arange(num_classes), num_classes)}
-    real = {"feats": jnp.asarray(zr), "labels": jnp.asarray(np.arange(3 * num_classes) % num_classes, jnp.int32)}
-    auto, _ = clp.loss({}, {}, KEY, syn, real, _cfg("clp", ridge=0.0))
-    fixed, _ = clp.loss({}, {}, KEY, syn, real, _cfg("clp", ridge=expected))
-    other, _ = clp.loss({}, {}, KEY, syn, real, _cfg("clp", ridge=expected * 3))
-    np.testing.assert_allclose(float(auto), float(fixed), rtol=1e-6)
-    assert abs(float(auto) - float(other)) > 1e-4

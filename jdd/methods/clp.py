@@ -28,7 +28,7 @@ NAME = "clp"
 
 def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
-        "ridge": 0.0,           # lam = ridge * mean ||z_s||^2 (trace-relative); 0 = auto_ridge(C).
+        "ridge": 1.0,           # lam = ridge * mean ||z_s||^2 (trace-relative).
         "temperature": 0.1,     # outer CE on logits * (1 + ridge) / T (shrinkage-relative).
         "center_labels": True,  # regress on Y - 1/C (zero-mean targets) instead of one-hot Y.
         "fit_bias": True,       # unpenalised intercept (centres Z_s, Y_s by their means).
@@ -37,35 +37,21 @@ def default_config() -> ml_collections.ConfigDict:
     })
 
 
-def auto_ridge(num_classes: int) -> float:
-    """The default ridge for C classes: C / 10, within [1, 10].
-
-    Measured on the train split only (optimised synthetic features, held-out 20% of train, probe
-    top-1 %, docs/tuning.md#clp-at-100-classes): at C = 10 ridges 1..10 are within noise of each
-    other (ridge 1 kept, so the Imagenette results stand); at C = 100 ridge 10 is best (31.3 vs 20.1
-    at ridge 1, 300 steps; 33.1 vs 21.4 at 100 steps). With more classes each class's synthetic
-    features carry less of the Gram's mass, and a larger ridge keeps the solve from fitting the
-    inverse of a near-singular Gram. Beyond C = 100 nothing was measured: capped at 10.
-    """
-    return float(min(max(num_classes / 10.0, 1.0), 10.0))
-
-
 def loss(params, consts, key, syn, real, cfg):
     del params, consts, key
     _, num_classes = base.check_inputs(NAME, syn, real)
     base.check_choice(NAME, "outer", cfg.outer, ("ce", "mse"))
     base.check_choice(NAME, "form", cfg.form, ("auto", "dual", "primal"))
-    base.check_positive(NAME, "ridge", cfg.ridge, allow_zero=True)
+    base.check_positive(NAME, "ridge", cfg.ridge)
     base.check_positive(NAME, "temperature", cfg.temperature)
     zr, yr = linear.real_targets(real, num_classes)
     zs, ys = linear.f32(syn["feats"]), linear.f32(syn["labels"])
 
-    ridge = cfg.ridge or auto_ridge(num_classes)
     targets = linear.regression_targets(ys, cfg.center_labels)
-    probe = linear.ridge_probe(zs, targets, ridge, form=cfg.form, fit_bias=cfg.fit_bias)
+    probe = linear.ridge_probe(zs, targets, cfg.ridge, form=cfg.form, fit_bias=cfg.fit_bias)
     out = linear.logits(probe, zr)
     if cfg.outer == "ce":
-        value = linear.softmax_ce(out * ((1.0 + ridge) / cfg.temperature), yr)
+        value = linear.softmax_ce(out * ((1.0 + cfg.ridge) / cfg.temperature), yr)
     else:
         err = out - linear.regression_targets(yr, cfg.center_labels)
         value = jnp.mean(jnp.sum(err ** 2, axis=-1))
