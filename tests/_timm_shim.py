@@ -106,3 +106,8 @@ def import_timm():
     except Exception as err:  # noqa: BLE001  (any import failure means: cannot test against timm here)
         return None, f"timm does not import ({type(err).__name__}: {err}); {TIMM_INSTALL}"
     return timm, None
+
+
+def is_stub(module) -> bool:
+    """Whether ``module`` is one of the stand-ins this shim installs (not the real torchvision)."""
+    return isinstance(module, _StubModule)
