@@ -67,7 +67,7 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
 
     real_cache, consts, batches = None, {}, None
     if spec.real_source == "cache" or method.prepare is not None:
-        cache = train_cache(ctx, views=c.real.cache_views)
+        cache = plain if plain is not None and c.real.cache_views == 1 else train_cache(ctx, views=c.real.cache_views)
         if spec.real_source == "cache":
             real_cache = loop.cache_arrays(cache, spec.num_classes)
         if method.prepare is not None:

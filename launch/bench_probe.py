@@ -23,7 +23,7 @@ import numpy as np
 
 import jdd.backbones
 import jdd.data
-from jdd import baselines, probe, results
+from jdd import baselines, probe, results as results_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def main():
     run_meta = {**meta, "feature_cache_s": round(cache_s, 1), "load_average": os.getloadavg(),
                 "device": str(jax.devices()[0]), "probe_mode": args.mode, "epochs": args.epochs,
                 "seeds": args.seeds, "draws": args.draws}
-    _, md = results.write_results(args.out, results, meta=run_meta)
+    _, md = results_lib.write_results(args.out, results, meta=run_meta)
     print(open(md).read())
 
 

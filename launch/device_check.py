@@ -404,7 +404,6 @@ def worker_main(job_path: str) -> None:
     with open(job_path) as f:
         job = json.load(f)
     sys.path.insert(0, REPO)
-    import jax
     import jax.numpy as jnp
     jnp.zeros(()).block_until_ready()  # the backend, started before the first case is timed
     s = Settings(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
@@ -577,7 +576,7 @@ def build_step(case: dict, backbone, s: Settings):
     import jax
     import numpy as np
 
-    from jdd import config as jc, methods, parallel, step as step_lib, synsets
+    from jdd import config as jc, context, loop, methods, parallel, step as step_lib, synsets
     c = jc.base_config()
     jc.set_method(c, case["method"])
     c.data.crop_res, c.syn.res, c.syn.ipc = s.px, s.syn_px, 1
@@ -613,16 +612,12 @@ def build_step(case: dict, backbone, s: Settings):
         label = np.repeat(np.arange(num_classes, dtype=np.int32), spec.real_per_class)
         real = {"image": image, "label": parallel.global_batch(label, mesh)}
     del cache
-    encode = parallel.batch_map(lambda p, x: backbone.apply(p, x)[spec.feature], mesh)
-    step = step_lib.make_step(spec, method, encode)
-
-    def placed_step(state, consts, bb_params, real):
-        new, metrics = step(state, consts, bb_params, real)
-        return jax.lax.with_sharding_constraint(new, shardings(new)), metrics
-
+    # The run's own compiled step (state donated, split leaves kept split), as jdd.loop.distill builds it.
+    step_fn = loop.jitted_step(spec, method, mesh, context.embedder(backbone, spec.feature),
+                               shard_state_mb=c.parallel.shard_state_mb)
     args = (state, parallel.replicate(consts, mesh), parallel.replicate(backbone.params, mesh), real)
     info = dict(images=spec.num_images, copies=spec.copies, real_per_step=n_real, real_source=spec.real_source)
-    return jax.jit(placed_step, donate_argnums=0), args, info
+    return step_fn, args, info
 
 
 def run_step(ctx: Worker, case: dict) -> dict:
