@@ -290,11 +290,13 @@ def test_chunked_attention_matches_one_piece(monkeypatch, budget_samples):
 
 def test_remat_gives_the_same_gradient_with_less_memory():
     """ViT(remat=True): identical features and input gradient, smaller temporaries in the backward."""
-    small = bb.create("dinov2", "test", image_size=32)
-    cfg = dataclasses.replace(small.config, depth=8)  # deep enough for stored activations to dominate
+    # 64 tokens x 64 images x 8 blocks: stored activations dominate the backward's temporaries (at
+    # 16 tokens x 16 images they no longer do, since the erf GELU stores less).
+    small = bb.create("dinov2", "test", image_size=64)
+    cfg = dataclasses.replace(small.config, depth=8)
     backbone = dataclasses.replace(small, module=vit.ViT(cfg), params=bb.random_params(cfg))
     remat = dataclasses.replace(backbone, module=backbone.module.clone(remat=True))
-    x = jax.random.uniform(jax.random.PRNGKey(0), (16, 32, 32, 3))
+    x = jax.random.uniform(jax.random.PRNGKey(0), (64, 64, 64, 3))
 
     def grad_fn(b):
         return jax.jit(jax.grad(lambda im: jnp.sum(b.apply(b.params, im)["embedding"] ** 2)))
@@ -303,4 +305,4 @@ def test_remat_gives_the_same_gradient_with_less_memory():
                                backbone.apply(backbone.params, x)["embedding"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(grad_fn(remat)(x), grad_fn(backbone)(x), rtol=1e-5, atol=1e-7)
     temp = lambda b: grad_fn(b).lower(x).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
-    assert temp(remat) < 0.95 * temp(backbone)  # measured 0.90 here (0.72 for DINOv2-S, 20 x 112 px)
+    assert temp(remat) < 0.85 * temp(backbone)  # measured 0.74 here (0.97 for DINOv2-S, 20 x 112 px, on CPU)

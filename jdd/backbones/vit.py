@@ -43,9 +43,19 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x), through erf as PyTorch writes it.
+
+    jax.nn.gelu(approximate=False) goes through erfc, which XLA's CPU backend lowers to an exp and
+    two selects per element: measured on DINOv2-S (30 images, 112 px) its forward + backward took
+    ~175 ms of a 1.34 s encoder gradient. Same function (float32 differences at the ulp level).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
+
+
 # Activation names as `transformers` configs spell them (`hidden_act`), plus "swiglu".
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_erf,
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
@@ -143,13 +153,35 @@ class Attention(nn.Module):
         cfg = self.cfg
         head_dim = cfg.width // cfg.heads
         bias = {"query": cfg.qkv_bias, "key": cfg.qkv_bias and cfg.key_bias, "value": cfg.qkv_bias}
-        q, k, v = (_dense((cfg.heads, head_dim), n, self.dtype, bias[n])(x) for n in ("query", "key", "value"))
+        shape = (cfg.heads, head_dim)
+        kernels, biases = zip(*(_Projection(shape, bias[n], name=n)(x.shape[-1]) for n in ("query", "key", "value")))
+        # One [D, 3D] matmul instead of three [D, D] ones (and one in the backward pass): measured on CPU
+        # (DINOv2-S, 30 images, 112 px) the encoder gradient drops from 1.25 s to ~1.1 s. The parameters
+        # stay three kernels, as checkpoints store them.
+        kernel = jnp.concatenate(kernels, axis=1).astype(self.dtype)  # [D, 3H, hd]
+        qkv = jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), kernel)
+        qkv = qkv + jnp.concatenate([b if b is not None else jnp.zeros(shape) for b in biases]).astype(self.dtype)
+        q, k, v = jnp.split(qkv, 3, axis=2)
         if rope_sin_cos is not None:
             q, k = (_apply_rope(t, *rope_sin_cos) for t in (q, k))
         out = attention(q, k, v)
         if cfg.attn_norm:  # over all heads together, as one [D] vector per token
             out = nn.LayerNorm(cfg.ln_eps, dtype=self.dtype, name="norm")(out.reshape(x.shape)).reshape(out.shape)
         return _dense(cfg.width, "out", self.dtype, axis=(-2, -1))(out)
+
+
+class _Projection(nn.Module):
+    """The kernel [D, *shape] and bias [*shape] (or None) of one q/k/v projection, as nn.DenseGeneral
+    names and initialises them; the caller fuses the three matmuls into one."""
+
+    shape: tuple[int, ...]
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        kernel = self.param("kernel", _init, (in_features, *self.shape), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, self.shape, jnp.float32) if self.use_bias else None
+        return kernel, bias
 
 
 def _apply_rope(x: jax.Array, sin, cos) -> jax.Array:
@@ -308,7 +340,9 @@ class ViT(nn.Module):
 
     remat: recompute each block's activations in the backward pass instead of storing them
     (`nn.remat`): the memory of a gradient through the encoder drops to about one block's worth,
-    for about one more forward. Same numbers either way.
+    for about one more forward. Same numbers either way. Measured on XLA:CPU (temporaries of the
+    input gradient): 0.74x at 64 images x 64 tokens, but only 0.97x for DINOv2-S at 20 images x
+    112 px, where the stored activations no longer dominate; it is meant for large batches.
     """
 
     cfg: ViTConfig
