@@ -55,6 +55,8 @@ def _config(method: str, args, remat: bool = False):
     c.augment.copies = args.copies[method]
     c.syn.init = "noise"  # timing only: no need for the centroid search
     c.backbone.remat = remat
+    if method == "lgm":  # the paper's step: a real batch encoded every step (the config reads the cache)
+        c.real.source, c.real.per_class = "backbone", 0
     return c
 
 
