@@ -93,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
         init="noise",          # "noise", "real" (random real images) or "centroid" (nearest the class means)
         lr=2e-3,               # Adam learning rate of the image parameters
         lr_warmup=0,           # steps of linear learning-rate warm-up from 0 (every optimiser; 0 = none)
+        lr_decay="none",       # "none" | "cosine" | "linear": every learning rate decays to lr_final x itself
+                               # by the end of the run, i.e. by `steps` or by `budget_minutes`, whichever
+                               # comes first (jdd.loop.lr_scale)
+        lr_final=0.0,          # the decayed learning rates' last value, as a fraction of their peak
         param_lr=0.0,          # Adam lr of the method's own parameters; 0 = the method's default, else lr
         adv_lr=0.0,            # Adam lr of the method's adversary (ascent); 0 = the method's default, else lr
         reset_opt_on_grow=True,  # LGM resets Adam when a pyramid level is added

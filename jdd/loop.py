@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -46,12 +47,44 @@ class Schedule:
     track_every: int
     keep_best: bool
     patience: int
+    lr_decay: str = "none"
+    lr_final: float = 0.0
 
     @classmethod
     def from_config(cls, c) -> "Schedule":
         return cls(steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep_ckpts=c.keep_ckpts,
                    png_every=c.png_every, budget_minutes=c.budget_minutes, track_every=c.eval.track_every,
-                   keep_best=c.eval.keep_best, patience=c.eval.patience)
+                   keep_best=c.eval.keep_best, patience=c.eval.patience, lr_decay=c.syn.lr_decay,
+                   lr_final=c.syn.lr_final)
+
+
+def lr_scale(decay: str, progress: float, final: float = 0.0) -> float:
+    """The learning-rate multiplier at ``progress`` (0 = first step, 1 = end of the run): 1 -> ``final``."""
+    p = min(max(progress, 0.0), 1.0)
+    if decay == "none":
+        return 1.0
+    shape = {"cosine": 0.5 * (1.0 + math.cos(math.pi * p)), "linear": 1.0 - p}[decay]
+    return final + (1.0 - final) * shape
+
+
+class _Progress:
+    """How far the run is, 0..1: the larger of the step fraction and, with a budget, the fraction of
+    the budget's time left at the first step that has passed (so cache builds before the loop do not
+    shrink the learning rate). The clock part is process 0's, refreshed on logging steps (where the
+    host syncs anyway); a budgeted decay therefore follows the machine's speed, and a resumed run
+    continues from the step fraction and its new budget."""
+
+    def __init__(self, schedule: Schedule, t_start: float):
+        self.steps, self.end = schedule.steps, t_start + 60.0 * schedule.budget_minutes
+        self.budgeted, self.t0, self.clock = schedule.budget_minutes > 0, time.time(), 0.0
+
+    def refresh_clock(self) -> None:
+        if self.budgeted:
+            frac = (time.time() - self.t0) / max(self.end - self.t0, 1e-9)
+            self.clock = parallel.broadcast_scalar(frac)
+
+    def __call__(self, step: int) -> float:
+        return max(step / self.steps, self.clock)
 
 
 # ----------------------------------------------------------------------------------------- state
@@ -248,11 +281,15 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
     if score and start == 0:
         track(0, state)
     t0, post, stop = time.time(), {}, None
+    progress = _Progress(schedule, t_start)
     ok, last_ok = jnp.array(True), start  # all steps since last_ok finite (on device)
     for t in range(start, schedule.steps):
         grown = step_lib.grow(state, spec, t)
         if grown is not state:
             state = parallel.place(grown, shardings(grown))
+        if schedule.lr_decay != "none":
+            scale = lr_scale(schedule.lr_decay, progress(t), schedule.lr_final)
+            state = dict(state, lr_scale=parallel.replicate(np.float32(scale), mesh))
         real = real_cache if real_iter is None else parallel.global_batch(next(real_iter), mesh)
         state, metrics = step_fn(t, state, consts, bb_params, {} if real is None else real)
         ok = jnp.logical_and(ok, metrics["finite"] > 0)
@@ -265,6 +302,9 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
                 raise _non_finite(done, last_ok, ckpt.latest_step())
             last_ok = done
             m["steps_per_s"] = (done - start) / (time.time() - t0)
+            if schedule.lr_decay != "none":
+                m["lr_scale"] = scale
+                progress.refresh_clock()
             writer.write(done, m)
             post["loss"] = f"{m['loss']:.4g}"
             bar.set_postfix(post)

@@ -255,6 +255,14 @@ def main_first(fn: Callable[[], Any], name: str, timeout_s: float = BARRIER_TIME
     return out if is_main_process() else fn()
 
 
+def broadcast_scalar(value: float) -> float:
+    """Process 0's ``value`` on every process (no-op for one process), e.g. a fraction of a wall-clock budget."""
+    if jax.process_count() == 1:
+        return float(value)
+    from jax.experimental import multihost_utils
+    return float(multihost_utils.broadcast_one_to_all(np.asarray(value, np.float32)))
+
+
 def broadcast_flag(flag: bool) -> bool:
     """Process 0's ``flag`` on every process (no-op for one process), e.g. a wall-clock decision."""
     if jax.process_count() == 1:

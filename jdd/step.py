@@ -148,9 +148,12 @@ def init_state(key, spec: StepSpec, *, method: Method, feat_dim: int, init_image
     mparams = method.init_params(k_method, feat_dim, spec.num_classes, spec.method_cfg)
     params = {"syn": syn, "labels": labels, "method": mparams["min"]}
     params_opt, adv_opt = make_optimizers(spec)
+    # lr_scale multiplies every update: the loop sets it from the run's progress (jdd.loop.lr_scale),
+    # because a decay must span the whole run, budget included, while the Adam states (and optax's
+    # step counts) restart when a pyramid level is added.
     return {"step": jnp.zeros((), jnp.int32), "params": params, "adv": mparams["max"],
             "opt": {"params": params_opt.init(params), "adv": adv_opt.init(mparams["max"])},
-            "rng": key}
+            "lr_scale": jnp.ones((), jnp.float32), "rng": key}
 
 
 # Tag folded into the run key for the random parts of pyramid growth (distinct from step keys).
@@ -321,12 +324,13 @@ def make_step(spec: StepSpec, method: Method, encode: Callable) -> Callable:
     def step(state, consts, bb_params, real):
         key = jax.random.fold_in(state["rng"], state["step"])
         (loss, aux), (g_params, g_adv) = loss_and_grad(state["params"], state["adv"], consts, bb_params, real, key)
+        scale = lambda u: jax.tree.map(lambda x: x * state["lr_scale"].astype(x.dtype), u)  # noqa: E731
         updates, opt_p = params_opt.update(g_params, state["opt"]["params"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params = optax.apply_updates(state["params"], scale(updates))
         # Ascent: the adversary maximises the same loss the images minimise.
         neg = jax.tree.map(jnp.negative, g_adv)
         updates, opt_a = adv_opt.update(neg, state["opt"]["adv"], state["adv"])
-        adv = optax.apply_updates(state["adv"], updates)
+        adv = optax.apply_updates(state["adv"], scale(updates))
         new = dict(state, step=state["step"] + 1, params=params, adv=adv,
                    opt={"params": opt_p, "adv": opt_a})
         finite = all_finite((loss, new["params"], new["adv"]))

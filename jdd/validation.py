@@ -131,6 +131,8 @@ RULES: tuple[Rule, ...] = (
     Rule("syn.init", one_of(("noise", "real", "centroid"))),
     Rule("syn.lr", real(0.0, 1.0, lo_open=True), LR_WHY),
     Rule("syn.lr_warmup", integer(0)),
+    Rule("syn.lr_decay", one_of(("none", "cosine", "linear"))),
+    Rule("syn.lr_final", real(0.0, 1.0), "a fraction of the peak learning rate"),
     Rule("syn.param_lr", zero_or(real(0.0, 1.0, lo_open=True), "the method's default"), LR_WHY),
     Rule("syn.adv_lr", zero_or(real(0.0, 1.0, lo_open=True), "the method's default"), LR_WHY),
     Rule("syn.label_lr", real(0.0, 1.0, lo_open=True), "Adam moves each soft-label logit by about lr per step"),

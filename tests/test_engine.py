@@ -1,4 +1,5 @@
 """The distillation engine end to end: determinism, resume, devices, CLI, clear errors."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -332,3 +333,74 @@ def test_non_finite_loss_stops_before_any_checkpoint_of_it(tiny_data, tmp_path, 
         distill.run(cfg, str(tmp_path))
     distill.run(tiny.get_config(f"data={tiny_data},steps=8"), str(tmp_path))
     assert _checkpoint_steps(tmp_path)[-1] == 8
+
+
+def test_lr_scale_shapes():
+    from jdd.loop import lr_scale
+    assert [lr_scale("none", p) for p in (0.0, 0.7, 1.0)] == [1.0, 1.0, 1.0]
+    np.testing.assert_allclose([lr_scale("cosine", p) for p in (0.0, 0.5, 1.0, 1.5)], [1.0, 0.5, 0.0, 0.0],
+                               atol=1e-12)
+    np.testing.assert_allclose([lr_scale("linear", p, 0.1) for p in (-1.0, 0.0, 0.5, 1.0)], [1.0, 1.0, 0.55, 0.1])
+    np.testing.assert_allclose(lr_scale("cosine", 0.25, 0.2), 0.2 + 0.8 * 0.5 * (1 + np.cos(np.pi / 4)))
+
+
+def test_budget_progress_follows_the_clock(monkeypatch):
+    """With a budget, progress is the larger of the step fraction and the share of the loop's time
+    spent; the clock part moves only when refreshed (on logging steps) and ignores time spent before
+    the loop started (cache builds)."""
+    from jdd import loop
+    now = [1000.0]
+    monkeypatch.setattr(loop.time, "time", lambda: now[0])
+    sched = loop.Schedule(steps=100, log_every=10, ckpt_every=0, keep_ckpts=1, png_every=0, budget_minutes=10.0,
+                          track_every=0, keep_best=False, patience=0, lr_decay="cosine")
+    prog = loop._Progress(sched, t_start=1000.0 - 120.0)  # 2 of the 10 minutes went on caches
+    assert prog(10) == pytest.approx(0.1)
+    now[0] += 240.0  # half of the 8 minutes the loop had
+    assert prog(10) == pytest.approx(0.1)  # not refreshed yet
+    prog.refresh_clock()
+    assert prog(10) == pytest.approx(0.5) and prog(80) == pytest.approx(0.8)
+    unbudgeted = loop._Progress(dataclasses.replace(sched, budget_minutes=0.0), t_start=0.0)
+    unbudgeted.refresh_clock()
+    assert unbudgeted(25) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_lr_decay_scales_every_update_and_resumes_exactly(tiny_data, tmp_path, decay):
+    """syn.lr_decay: the logged multiplier of step t is the decay at t / steps; a zero multiplier
+    leaves the images where they are; a run stopped by its budget (at step 2) and resumed with no
+    budget reproduces the uninterrupted decayed run (the horizon is `steps`, so the interruption
+    must not change it)."""
+    from jdd import context, loop, step as step_lib
+    tiny = _load_tiny()
+
+    def cfg(steps):
+        c = tiny.get_config(f"data={tiny_data},steps={steps}")
+        c.syn.lr_decay, c.syn.lr_final = decay, 0.1
+        return c
+    distill.run(cfg(6), str(tmp_path / "full"))
+    rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    np.testing.assert_allclose([r["lr_scale"] for r in rows], [loop.lr_scale(decay, t / 6, 0.1) for t in (1, 3, 5)],
+                               rtol=1e-6)
+    stopped = cfg(6)
+    stopped.budget_minutes = 1e-9  # spent at the first logging step (2); its clock never reaches a step
+    distill.run(stopped, str(tmp_path / "resumed"))
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints"))[-1].endswith("2")
+    c = cfg(6)
+    distill.run(c, str(tmp_path / "resumed"))
+    np.testing.assert_allclose(images_of(tmp_path / "resumed")[0], images_of(tmp_path / "full")[0], atol=1e-6)
+    distill.run(tiny.get_config(f"data={tiny_data},steps=6"), str(tmp_path / "constant"))
+    assert np.abs(images_of(tmp_path / "full")[0] - images_of(tmp_path / "constant")[0]).max() > 1e-4
+
+    ctx = context.build(c, str(tmp_path / "ctx"))
+    state = step_lib.init_state(distill.jax.random.PRNGKey(0), ctx.spec, method=ctx.method,
+                                feat_dim=ctx.backbone.embed_dim, init_images=None)
+    step = loop.jitted_step(ctx.spec, ctx.method, ctx.mesh, ctx.embed, donate=False)
+    real = loop.cache_arrays(distill.train_cache(ctx), ctx.spec.num_classes)
+    frozen, _ = step(dict(state, lr_scale=distill.jax.numpy.zeros(())), {}, ctx.backbone.params, real)
+    moved, _ = step(state, {}, ctx.backbone.params, real)
+    same = distill.jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                frozen["params"]["syn"], state["params"]["syn"])
+    assert max(distill.jax.tree.leaves(same)) == 0.0
+    diff = distill.jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                moved["params"]["syn"], state["params"]["syn"])
+    assert max(distill.jax.tree.leaves(diff)) > 0.0
