@@ -21,7 +21,12 @@ def get_config(arg=None):
     c.syn.extent = 100
     c.steps = 1000
     c.budget_minutes = 20.0  # the CPU budget of this experiment; a faster machine runs all the steps
-    c.augment.copies = 2
+    # One augmented copy a step: half the step's cost (0.75 vs 1.50 s/step, one core each), and per
+    # minute it climbs faster and higher than 2 copies on the train-split probe (paired 13-minute runs:
+    # best tracked 56.9 vs 53.7 %, the 2-copy best reached after 10.2 of its 13.2 minutes; README,
+    # "Time to quality"). A larger step size lost: Adam 5e-3 / 1e-2 with a cosine decay over 500 steps
+    # peaked at 47.2 / 50.0 % against 53.7 at 2e-3 (docs/tuning.md#clp-step-size-and-copies).
+    c.augment.copies = 1
     # Milder crops than LGM's (0.08, 1) and no pixel noise on the synthetic side: with 2 copies a
     # step, heavy crops made the gradient mostly noise and the set drifted away from its centroid
     # start (train-split probe 41.1 -> 32.8% in 100 steps; with these settings 41.1 -> 45.3%).
