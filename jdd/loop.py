@@ -67,7 +67,7 @@ def lr_scale(decay: str, progress: float, final: float = 0.0) -> float:
     return final + (1.0 - final) * shape
 
 
-class _Progress:
+class RunProgress:
     """How far the run is, 0..1: the larger of the step fraction and, with a budget, the fraction of
     the budget's time left at the first step that has passed (so cache builds before the loop do not
     shrink the learning rate). The clock part is process 0's, refreshed on logging steps (where the
@@ -281,7 +281,7 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
     if score and start == 0:
         track(0, state)
     t0, post, stop = time.time(), {}, None
-    progress = _Progress(schedule, t_start)
+    progress = RunProgress(schedule, t_start)
     ok, last_ok = jnp.array(True), start  # all steps since last_ok finite (on device)
     for t in range(start, schedule.steps):
         grown = step_lib.grow(state, spec, t)

@@ -353,13 +353,13 @@ def test_budget_progress_follows_the_clock(monkeypatch):
     monkeypatch.setattr(loop.time, "time", lambda: now[0])
     sched = loop.Schedule(steps=100, log_every=10, ckpt_every=0, keep_ckpts=1, png_every=0, budget_minutes=10.0,
                           track_every=0, keep_best=False, patience=0, lr_decay="cosine")
-    prog = loop._Progress(sched, t_start=1000.0 - 120.0)  # 2 of the 10 minutes went on caches
+    prog = loop.RunProgress(sched, t_start=1000.0 - 120.0)  # 2 of the 10 minutes went on caches
     assert prog(10) == pytest.approx(0.1)
     now[0] += 240.0  # half of the 8 minutes the loop had
     assert prog(10) == pytest.approx(0.1)  # not refreshed yet
     prog.refresh_clock()
     assert prog(10) == pytest.approx(0.5) and prog(80) == pytest.approx(0.8)
-    unbudgeted = loop._Progress(dataclasses.replace(sched, budget_minutes=0.0), t_start=0.0)
+    unbudgeted = loop.RunProgress(dataclasses.replace(sched, budget_minutes=0.0), t_start=0.0)
     unbudgeted.refresh_clock()
     assert unbudgeted(25) == pytest.approx(0.25)
 
