@@ -114,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
         augment_real=True,     # the same augmentations on the real batch (LGM)
         res_schedule="",       # coarse-to-fine encoding, "RES:UNTIL_STEP,...": e.g. "56:300" crops the copies
                                # to 56 px before step 300, then to crop_res (one compile per resolution)
+        token_keep=1.0,        # token dropping (MAE / FLIP): the synthetic copies' forward keeps this fraction
+                               # of each copy's patch tokens, a random subset per copy and step (1.0 = all);
+                               # the step costs ~that fraction; the real side keeps every token
+        token_keep_until=0,    # token dropping only before this step, then every token (0 = the whole run)
     )
     c.real = dict(
         source="backbone",     # "backbone": encode an augmented real batch every step; "cache": feature cache
@@ -147,6 +151,10 @@ def base_config() -> ml_collections.ConfigDict:
         track_every=0,         # every N steps, score the current set with the fast probe on the train
                                # split (metric "track_top1"; 0 = off); cheap: one forward of the set
         track_seeds=2,
+        track_views=0,         # 0: the tracking probe sees each image's plain feature; V > 0: V views of each,
+                               # augmented as the full protocol does (fixed per run), so that keep_best and
+                               # choices made on the curve see what crops do to the set (one forward of
+                               # V x M images per track)
         progress="bar",        # protocol evaluation and baselines: "bar" (tqdm), "log" (INFO lines), "" (silent)
         keep_best=False,       # export the tracked-best set instead of the last one (needs track_every)
         patience=0,            # stop early after this many tracks without a new best (0 = never;

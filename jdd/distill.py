@@ -89,7 +89,8 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
     if c.eval.track_every:
         score = evaluators.tracker(jax.random.fold_in(key, 2 << 20), plain.view(0), plain.labels, ctx.embed,
                                    num_classes=spec.num_classes,
-                                   cfg=evaluators.probe_config(c.eval, c.data.crop_res), seeds=c.eval.track_seeds)
+                                   cfg=evaluators.probe_config(c.eval, c.data.crop_res), seeds=c.eval.track_seeds,
+                                   views=c.eval.track_views)
     return loop.distill(
         spec=spec, method=method, mesh=ctx.mesh, backbone_params=ctx.backbone.params, embed=ctx.embed,
         schedule=loop.Schedule.from_config(c), meta=loop.run_meta(c), workdir=ctx.workdir,

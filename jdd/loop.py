@@ -194,7 +194,7 @@ def jitted_step(spec: step_lib.StepSpec, method, mesh, embed, *, shard_state_mb:
     ``embed`` is the run's ``probe.embedder``: its function is mapped over the devices' slices of
     every batch. The new state lives where the old one did (split per-image leaves stay split).
     """
-    encode = parallel.batch_map(embed.func, mesh)  # (backbone params, images) -> features, per device
+    encode = parallel.batch_map(step_lib.encoder(embed.func, spec), mesh)  # -> features, per device
     step = step_lib.make_step(spec, method, encode)
     min_bytes = int(shard_state_mb * 2**20)
 
@@ -254,13 +254,13 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
     if main:  # rows logged after that checkpoint by an interrupted run are logged again below
         workdir_lib.truncate_metrics(workdir, start)
 
-    step_fns = {}  # crop resolution -> compiled step (coarse-to-fine compiles one per resolution)
+    step_fns = {}  # resolved spec -> compiled step (one per crop resolution / token keep fraction)
 
     def step_fn(t: int, *args):
         spec_t = spec.at_step(t)
-        if spec_t.crop_res not in step_fns:
-            step_fns[spec_t.crop_res] = jitted_step(spec_t, method, mesh, embed, shard_state_mb=shard_state_mb)
-        return step_fns[spec_t.crop_res](*args)
+        if spec_t not in step_fns:
+            step_fns[spec_t] = jitted_step(spec_t, method, mesh, embed, shard_state_mb=shard_state_mb)
+        return step_fns[spec_t](*args)
     real_iter = batches(start) if batches is not None else None
     writer = export.MetricWriter(workdir, enabled=main, start_step=start)
     bar = tqdm(total=schedule.steps, initial=start, desc="distil", disable=not main, dynamic_ncols=True)

@@ -361,8 +361,10 @@ class _Feature:
     def __init__(self, apply_fn, feature: str):
         self.apply_fn, self.feature = apply_fn, feature
 
-    def __call__(self, params, images):
-        return self.apply_fn(params, images)[self.feature]
+    def __call__(self, params, images, token_keep=None):
+        if token_keep is None:
+            return self.apply_fn(params, images)[self.feature]
+        return self.apply_fn(params, images, token_keep=token_keep)[self.feature]
 
     def __eq__(self, other):
         return isinstance(other, _Feature) and (other.apply_fn, other.feature) == (self.apply_fn, self.feature)

@@ -29,6 +29,9 @@ import optax
 from jdd import augment, synsets
 from jdd.methods import Method
 
+# Folded into a step's synthetic-side key for the token-dropping draws (distinct from the augmentation's).
+TOKEN_STREAM = 0x746F6B
+
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
@@ -66,13 +69,23 @@ class StepSpec:
     # Coarse-to-fine encoding: ((until_step, crop_res), ...): before step until_step the synthetic
     # copies (and an encoded real batch) are cropped to that lower resolution; then crop_res.
     res_schedule: tuple[tuple[int, int], ...] = ()
+    # Token dropping (MAE / FLIP): the synthetic copies' forward keeps this fraction of each copy's
+    # patch tokens (a random subset per copy and step; 1.0 = every token), before step
+    # token_keep_until (0 = the whole run), then every token. The real side is never dropped.
+    token_keep: float = 1.0
+    token_keep_until: int = 0
 
     def at_step(self, step: int) -> "StepSpec":
-        """The spec of the step compiled for ``step`` (its crop resolution from ``res_schedule``)."""
-        for until, res in self.res_schedule:
+        """The spec of the step compiled for ``step``: its crop resolution (``res_schedule``) and token
+        keep fraction (``token_keep_until``), with the schedules resolved (one compile per distinct spec)."""
+        spec = self
+        if spec.token_keep_until:
+            keep = spec.token_keep if step < spec.token_keep_until else 1.0
+            spec = dataclasses.replace(spec, token_keep=keep, token_keep_until=0)
+        for until, res in spec.res_schedule:
             if step < until:
-                return dataclasses.replace(self, crop_res=res, res_schedule=())
-        return dataclasses.replace(self, res_schedule=()) if self.res_schedule else self
+                return dataclasses.replace(spec, crop_res=res, res_schedule=())
+        return dataclasses.replace(spec, res_schedule=()) if spec.res_schedule else spec
 
     @property
     def num_images(self) -> int:
@@ -101,7 +114,8 @@ def make_spec(config: ml_collections.ConfigDict, num_classes: int, method: Metho
         adv_lr=syn.adv_lr or method.adv_lr or syn.lr, lr_warmup=syn.lr_warmup,
         decorrelate=syn.decorrelate, extent=syn.extent, grow_mode=syn.grow_mode,
         reset_opt_on_grow=syn.reset_opt_on_grow, label_init_temp=syn.label_init_temp,
-        res_schedule=parse_res_schedule(aug.res_schedule))
+        res_schedule=parse_res_schedule(aug.res_schedule),
+        token_keep=float(aug.token_keep), token_keep_until=aug.token_keep_until)
 
 
 def parse_res_schedule(text: str) -> tuple[tuple[int, int], ...]:
@@ -224,6 +238,27 @@ def sample_cache(key, cache: dict, spec: StepSpec) -> dict:
     return {"feats": cache["feats"][rows, views], "labels": labels}
 
 
+def encoder(feature_fn: Callable, spec: StepSpec) -> Callable:
+    """The per-device encoder the step calls, ``(backbone params, batch) -> features``, for
+    ``parallel.batch_map``. ``feature_fn(params, images, token_keep=None)`` is the run's embedding
+    (``probe.embedder(...).func``); ``batch`` is images, or ``{"images", "token_keys"}`` (one key per
+    image) for the synthetic copies of a token-dropping step, so each device drops, image by image,
+    what one device would.
+    """
+    def encode(params, batch):
+        if isinstance(batch, dict):
+            return feature_fn(params, batch["images"], token_keep=(batch["token_keys"], spec.token_keep))
+        return feature_fn(params, batch)
+    return encode
+
+
+def _token_keys(key, copy_ids, num_images: int) -> jax.Array:
+    """One key per augmented copy, copy-major [len(copy_ids) * M]: copy c of image i always gets the same
+    key within a step, so chunked copies (accum_chunks) drop exactly the tokens of the whole batch."""
+    keys = jax.vmap(lambda c: jax.random.split(jax.random.fold_in(key, c), num_images))(copy_ids)
+    return keys.reshape(-1, *keys.shape[2:])
+
+
 def _augment_copies(key, images, copy_ids, spec: StepSpec) -> jax.Array:
     """Augmented copies ``copy_ids`` of every image, copy-major: [len(copy_ids) * M, crop, crop, 3].
 
@@ -239,7 +274,9 @@ def _augment_copies(key, images, copy_ids, spec: StepSpec) -> jax.Array:
 def make_loss_and_grad(spec: StepSpec, method: Method, encode: Callable) -> Callable:
     """f(params, adv, consts, bb_params, real, key) -> ((loss, aux), (grad_params, grad_adv)).
 
-    ``encode(bb_params, images) -> features`` is the device-parallel backbone (parallel.batch_map).
+    ``encode(bb_params, images) -> features`` is the device-parallel backbone (``parallel.batch_map`` of
+    :func:`encoder`); with ``spec.token_keep < 1`` the synthetic copies go in as ``{"images",
+    "token_keys"}``.
     ``real`` is {"image": [N, h, w, 3], "label": [N]}, in cache mode the cache arrays, or {} when
     the method needs no real features (``spec.real_source == "none"``).
 
@@ -258,7 +295,11 @@ def make_loss_and_grad(spec: StepSpec, method: Method, encode: Callable) -> Call
         if not spec.learn_images:  # no image gradient, so XLA drops the backward through the encoder
             syn_params = jax.lax.stop_gradient(syn_params)
         images = synsets.decode(spec.syn_param, syn_params, res=spec.syn_res, **sopts)
-        return encode(bb_params, _augment_copies(k_syn, images, copy_ids, spec))
+        copies = _augment_copies(k_syn, images, copy_ids, spec)
+        if spec.token_keep < 1.0:
+            k_tok = jax.random.fold_in(k_syn, TOKEN_STREAM)
+            return encode(bb_params, {"images": copies, "token_keys": _token_keys(k_tok, copy_ids, spec.num_images)})
+        return encode(bb_params, copies)
 
     def real_feats(bb_params, real, k_real):
         if spec.real_source == "none":

@@ -141,6 +141,8 @@ RULES: tuple[Rule, ...] = (
     Rule("augment.accum_chunks", integer(1)),
     Rule("augment.rrc_scale", unit_interval_pair(), "the fraction of the image area a random crop keeps"),
     Rule("augment.noise_std", real(0.0)),
+    Rule("augment.token_keep", real(0.0, 1.0, lo_open=True), "the fraction of patch tokens kept; 1.0 keeps all"),
+    Rule("augment.token_keep_until", integer(0), "0 = drop tokens for the whole run"),
     Rule("real.source", one_of(("backbone", "cache"))),
     Rule("real.per_class", integer(0), "0 = syn.ipc * augment.copies"),
     Rule("real.cache_views", integer(1)),
@@ -152,6 +154,7 @@ RULES: tuple[Rule, ...] = (
     Rule("eval.test_batch", integer(1)),
     Rule("eval.track_every", integer(0), "0 = off"),
     Rule("eval.track_seeds", integer(1)),
+    Rule("eval.track_views", integer(0), "0 = the plain features"),
     Rule("eval.patience", integer(0), "0 = never stop early"),
     Rule("eval.progress", one_of(("bar", "log", "")), "'' = silent"),
 )

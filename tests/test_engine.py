@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -226,6 +227,43 @@ def test_tracking_keeps_the_best_set_on_the_train_split(tiny_data, tmp_path):
     assert track(images, labels) == pytest.approx(best["top1"], abs=1e-6)
 
 
+def test_augmented_tracker_trains_on_fixed_protocol_views():
+    """eval.track_views = V: the tracking probe trains on V protocol-augmented views of each image
+    (view-major, the same keys at every track) for epochs / V passes; V = 0 is the plain tracker."""
+    import jax
+    import jax.numpy as jnp
+    from jdd import backbones, context, evaluators, probe
+    from jdd import config as jc
+    embed = context.embedder(backbones.create("dinov2", "test"), "embedding")
+    rng = np.random.default_rng(0)
+    images, labels = rng.random((4, 32, 32, 3)).astype(np.float32), np.arange(4)
+    cfg = evaluators.probe_config(jc.base_config().eval, 24)   # views are cropped to 24 px
+    cfg.epochs = 8
+    augment_fn = probe.default_augment_fn(cfg)
+    keys = jax.random.split(jax.random.PRNGKey(3), 8)
+    views = evaluators.embed_views(augment_fn, embed, jnp.asarray(images), keys, batch=3)
+    manual = embed(jax.vmap(augment_fn)(keys, jnp.asarray(images)[np.arange(8) % 4]))
+    np.testing.assert_allclose(views, manual, rtol=1e-5, atol=1e-5)
+
+    plain_feats = probe.embed_images(embed, jnp.asarray(evaluators.resize(images, 24)))
+    train = np.concatenate([plain_feats, views]) + 0.01 * rng.normal(size=(12, views.shape[1]))
+    train_labels = np.concatenate([labels, labels, labels])
+    key = jax.random.PRNGKey(5)
+    track = lambda v: evaluators.tracker(key, train, train_labels, embed, num_classes=4, cfg=cfg,  # noqa: E731
+                                         seeds=2, views=v)
+    fcfg = ml_collections.ConfigDict(cfg.to_dict())
+    fcfg.mode, fcfg.seeds, fcfg.progress = "features", 2, ""
+    want = probe.evaluate_features(key, plain_feats, labels, train, train_labels, num_classes=4, cfg=fcfg)
+    assert track(0)(images, labels) == pytest.approx(want["top1_mean"])
+    aug = track(2)
+    k_views = jax.random.split(jax.random.fold_in(key, 1), 8)
+    fcfg.epochs = 4
+    want = probe.evaluate_features(key, evaluators.embed_views(augment_fn, embed, jnp.asarray(images), k_views,
+                                                              batch=256),
+                                   np.tile(labels, 2), train, train_labels, num_classes=4, cfg=fcfg)
+    assert aug(images, labels) == pytest.approx(want["top1_mean"]) == aug(images, labels)
+
+
 def test_keep_best_without_tracking_is_refused(tiny_data, tmp_path):
     cfg = _load_tiny().get_config(f"data={tiny_data}")
     with cfg.unlocked():
@@ -303,6 +341,34 @@ def test_coarse_to_fine_compiles_one_step_per_resolution(tiny_data, tmp_path):
         distill.run(cfg, str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="RES:UNTIL_STEP"):
         step_lib.parse_res_schedule("16-2")
+
+
+def _run_tiny(tiny, tmp_path, name, arg, **augment):
+    cfg = tiny.get_config(arg)
+    for key, value in augment.items():
+        cfg.augment[key] = value
+    distill.run(cfg, str(tmp_path / name))
+    return images_of(tmp_path / name)[0]
+
+
+def test_token_dropping_step(tiny_data, tmp_path):
+    """augment.token_keep: a schedule resolved per step (one compile per fraction); the dropped steps take
+    another path than the full-token ones; per-image keys make 1 and 4 devices and 2 chunks agree."""
+    from jdd import step as step_lib
+    tiny = _load_tiny()
+    cfg = tiny.get_config(f"data={tiny_data},steps=4")
+    cfg.augment.token_keep, cfg.augment.token_keep_until = 0.5, 2
+    spec = step_lib.make_spec(cfg, 4, distill.context.methods.get("clp"))
+    assert [spec.at_step(t).token_keep for t in range(4)] == [0.5, 0.5, 1.0, 1.0]
+    assert spec.at_step(3) == dataclasses.replace(spec, token_keep=1.0, token_keep_until=0)
+    arg = f"data={tiny_data},steps=3,param=pixels,source=cache"
+    plain = _run_tiny(tiny, tmp_path, "plain", arg)
+    one = _run_tiny(tiny, tmp_path, "one", arg + ",devices=1", token_keep=0.5)
+    four = _run_tiny(tiny, tmp_path, "four", arg + ",devices=4", token_keep=0.5)
+    chunked = _run_tiny(tiny, tmp_path, "chunked", arg + ",devices=1,chunks=2", token_keep=0.5)
+    assert np.isfinite(one).all() and np.abs(one - plain).max() > 1e-4
+    np.testing.assert_allclose(four, one, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(chunked, one, rtol=0, atol=2e-5)
 
 
 def test_non_finite_loss_stops_before_any_checkpoint_of_it(tiny_data, tmp_path, monkeypatch):

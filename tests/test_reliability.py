@@ -75,10 +75,12 @@ BAD = [  # (key, value, fragment of what is allowed)
     ("augment.copies", 0, ">= 1"), ("augment.accum_chunks", 0, ">= 1"), ("augment.rrc_scale", (0.5, 2.0), "0 < lo"),
     ("augment.rrc_scale", (0.9, 0.5), "lo <= hi"), ("augment.rrc_scale", (0.0, 1.0), "0 < lo"),
     ("augment.rrc_scale", (0.5,), "a pair"), ("augment.noise_std", -0.1, ">= 0"),
+    ("augment.token_keep", 0.0, "(0, 1]"), ("augment.token_keep", 1.5, "(0, 1]"),
+    ("augment.token_keep_until", -1, ">= 0"),
     ("real.source", "disk", "'cache'"), ("real.per_class", -1, ">= 0"), ("real.cache_views", 0, ">= 1"),
     ("parallel.num_devices", -1, ">= 0"), ("parallel.shard_state_mb", -1.0, ">= 0"),
     ("eval.mode", "fast", "'features'"), ("eval.epochs", 0, ">= 1"), ("eval.seeds", 0, ">= 1"),
-    ("eval.progress", "tqdm", "'log'"), ("eval.track_every", -1, ">= 0"), ("eval.track_seeds", 0, ">= 1"), ("eval.patience", -1, ">= 0"),
+    ("eval.progress", "tqdm", "'log'"), ("eval.track_every", -1, ">= 0"), ("eval.track_seeds", 0, ">= 1"), ("eval.track_views", -1, ">= 0"), ("eval.patience", -1, ">= 0"),
     ("method.ridge", 0.0, "> 0"), ("method.temperature", 1e-30, "[0.0001, 10000]"), ("method.outer", "l1", "'mse'"),
     ("method.form", "qr", "'primal'"),
 ]

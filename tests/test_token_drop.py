@@ -62,6 +62,25 @@ def test_keep_indices_deterministic_per_key_distinct_and_different_per_image_and
     assert not np.allclose(out_a, _apply(backbone, images, (jax.random.PRNGKey(1), 0.5))["embedding"])
 
 
+def test_per_image_keys_make_each_subset_independent_of_the_batch():
+    """One key per image (raw [B, 2] or typed [B]): image i keeps what it keeps alone, so a batch split
+    over devices drops exactly the tokens of the whole batch; a key count that does not match is refused."""
+    keys = jax.random.split(KEY, 4)
+    whole = vit.patch_keep_indices(keys, 4, NUM_PATCHES, 0.5)
+    for i in range(4):
+        np.testing.assert_array_equal(whole[i:i + 1], vit.patch_keep_indices(keys[i:i + 1], 1, NUM_PATCHES, 0.5))
+    typed = vit.patch_keep_indices(jax.random.wrap_key_data(keys), 4, NUM_PATCHES, 0.5)
+    np.testing.assert_array_equal(typed, whole)
+    assert len({tuple(r) for r in np.asarray(whole)}) > 1
+    with pytest.raises(ValueError, match="3 per-image keys for a batch of 4"):
+        vit.patch_keep_indices(keys[:3], 4, NUM_PATCHES, 0.5)
+    backbone = bb.create("dinov2", "test")
+    images = _images(batch=4)
+    out = _apply(backbone, images, (keys, 0.5))["embedding"]
+    np.testing.assert_allclose(out[2:], _apply(backbone, images[2:], (keys[2:], 0.5))["embedding"],
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["dinov2", "siglip", "eva02"])  # class token; none (MAP pooling); rope
 def test_gradient_is_zero_exactly_at_dropped_patches(family):
     backbone = bb.create(family, "test")

@@ -53,17 +53,20 @@ class Backbone:
     def config(self) -> ViTConfig:
         return self.module.cfg
 
-    def apply(self, params, images: jax.Array) -> dict[str, jax.Array]:
+    def apply(self, params, images: jax.Array, token_keep=None) -> dict[str, jax.Array]:
         """Features of images [B, H, W, 3] in [0, 1] (float32 dict, see `vit.ViT.__call__`).
 
         Keys: "cls" [B, D] (families with a class token), "patch_mean" [B, D], "embedding" [B, E],
         "last_hidden_state" [B, T, D]. H and W must be multiples of patch_size (checked at trace time).
+        token_keep: None, or (key, fraction): token dropping (`vit.ViT.__call__`).
         """
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"{self.name}: images must be [batch, height, width, 3] (NHWC), got shape {images.shape}")
         for size in sorted(set(images.shape[1:3])):
             check_image_size(self, size)
-        return self.module.apply({"params": params}, images)
+        if token_keep is None:
+            return self.module.apply({"params": params}, images)
+        return self.module.apply({"params": params}, images, token_keep=token_keep)
 
 
 def check_image_size(backbone: Backbone, size: int) -> None:

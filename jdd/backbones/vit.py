@@ -208,13 +208,26 @@ def num_kept_patches(num_patches: int, fraction: float) -> int:
     return max(1, round(fraction * num_patches))
 
 
+def _is_key_per_image(key: jax.Array) -> bool:
+    """True for a batch of keys [B] (typed) / [B, 2] (raw uint32), False for one key."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return key.ndim == (1 if typed else 2)
+
+
 def patch_keep_indices(key: jax.Array, batch: int, num_patches: int, fraction: float) -> jax.Array:
     """Indices [B, K] (ascending, distinct) of the patches each image keeps, K = num_kept_patches.
 
-    Each image draws its own uniformly random subset (argsort of uniform noise, as MAE does).
+    Each image draws its own uniformly random subset (argsort of uniform noise, as MAE does). ``key``
+    is one key for the batch, or one key per image ([B] typed / [B, 2] raw): then image i's subset
+    depends on its own key alone, so a batch split over devices drops what the whole batch would.
     """
     num_keep = num_kept_patches(num_patches, fraction)
-    noise = jax.random.uniform(key, (batch, num_patches))
+    if _is_key_per_image(key):
+        if key.shape[0] != batch:
+            raise ValueError(f"token dropping got {key.shape[0]} per-image keys for a batch of {batch} images")
+        noise = jax.vmap(lambda k: jax.random.uniform(k, (num_patches,)))(key)
+    else:
+        noise = jax.random.uniform(key, (batch, num_patches))
     return jnp.sort(jnp.argsort(noise, axis=1)[:, :num_keep], axis=1)
 
 
@@ -392,7 +405,8 @@ class ViT(nn.Module):
             or timm's `forward_features` (final_norm "pooled": before the final layernorm).
 
         token_keep: None (every patch), or (key, fraction): each image keeps a random subset of
-            `num_kept_patches(num_patches, fraction)` patch tokens (`patch_keep_indices(key, ...)`),
+            `num_kept_patches(num_patches, fraction)` patch tokens (`patch_keep_indices(key, ...)`; key:
+            one for the batch or one per image),
             chosen after the position embeddings are added; patch_mean and last_hidden_state then cover
             the prefix tokens and the kept patches only. A fraction that keeps every patch is the
             plain forward, bit for bit.
