@@ -68,7 +68,7 @@ def tracker(key, train_feats, train_labels, embed: Callable, *, num_classes: int
     cfg.progress = ""  # a few milliseconds; a bar would interrupt the distillation's
     if views:
         cfg.epochs = max(1, cfg.epochs // views)
-    augment_fn = probe.default_augment_fn(cfg)
+        augment_fn = probe.default_augment_fn(cfg)
     k_probe, k_views = key, jax.random.fold_in(key, 1)  # the plain tracker's probe key is unchanged
 
     def track(images, syn_labels) -> float:

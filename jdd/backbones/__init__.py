@@ -64,8 +64,6 @@ class Backbone:
             raise ValueError(f"{self.name}: images must be [batch, height, width, 3] (NHWC), got shape {images.shape}")
         for size in sorted(set(images.shape[1:3])):
             check_image_size(self, size)
-        if token_keep is None:
-            return self.module.apply({"params": params}, images)
         return self.module.apply({"params": params}, images, token_keep=token_keep)
 
 
