@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
                                # by the end of the run, i.e. by `steps` or by `budget_minutes`, whichever
                                # comes first (jdd.loop.lr_scale)
         lr_final=0.0,          # the decayed learning rates' last value, as a fraction of their peak
+        adam_b1=0.9,           # Adam's moment decays and epsilon, for every optimiser (torch's and optax's
+        adam_b2=0.999,         # defaults, as the official LGM code uses)
+        adam_eps=1e-8,
         param_lr=0.0,          # Adam lr of the method's own parameters; 0 = the method's default, else lr
         adv_lr=0.0,            # Adam lr of the method's adversary (ascent); 0 = the method's default, else lr
         reset_opt_on_grow=True,  # LGM resets Adam when a pyramid level is added
@@ -118,6 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
                                # of each copy's patch tokens, a random subset per copy and step (1.0 = all);
                                # the step costs ~that fraction; the real side keeps every token
         token_keep_until=0,    # token dropping only before this step, then every token (0 = the whole run)
+        copies_schedule="",    # copies as a function of the step, "COPIES:UNTIL_STEP,...": e.g. "1:100" takes
+                               # 1 copy a step before step 100, then `copies` (one compile per count)
+        rrc_scale_schedule="",  # the crops' smallest area as a function of the step, "LO:UNTIL_STEP,...": e.g.
+                                # "0.8:100" crops (0.8, rrc_scale[1]) before step 100, then rrc_scale
     )
     c.real = dict(
         source="backbone",     # "backbone": encode an augmented real batch every step; "cache": feature cache

@@ -108,6 +108,12 @@ def validate(config, train, backbone, mesh) -> None:
     parallel.check_divisible("augment.copies / accum_chunks * num_classes * syn.ipc",
                              config.augment.copies // k * m, mesh)
     parallel.check_divisible("augment.copies * num_classes * syn.ipc", config.augment.copies * m, mesh)
+    for _, copies in step_lib.parse_copies_schedule(config.augment.copies_schedule):
+        if copies % k:
+            raise ValueError(f"augment.copies_schedule: {copies} copies is not a multiple of "
+                             f"augment.accum_chunks = {k}")
+        parallel.check_divisible("augment.copies_schedule's copies / accum_chunks * num_classes * syn.ipc",
+                                 copies // k * m, mesh)
     if config.real.source == "backbone":
         per_class = config.real.per_class or config.syn.ipc * config.augment.copies
         real_batch = per_class * train.num_classes

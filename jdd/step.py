@@ -61,6 +61,7 @@ class StepSpec:
     param_lr: float
     adv_lr: float
     lr_warmup: int            # steps of linear warm-up of every learning rate (0 = none)
+    adam: tuple[float, float, float]  # Adam's (b1, b2, eps), shared by every optimiser
     decorrelate: bool         # synset option shared by init and decode
     extent: int               # pyramid: steps between added levels
     grow_mode: str
@@ -74,18 +75,25 @@ class StepSpec:
     # token_keep_until (0 = the whole run), then every token. The real side is never dropped.
     token_keep: float = 1.0
     token_keep_until: int = 0
+    # Copies and crop scale as functions of the step: ((until_step, copies), ...) and ((until_step,
+    # smallest crop area fraction), ...); after the last item, `copies` and the rrc_scale of aug_opts.
+    copies_schedule: tuple[tuple[int, int], ...] = ()
+    rrc_scale_schedule: tuple[tuple[int, float], ...] = ()
 
     def at_step(self, step: int) -> "StepSpec":
-        """The spec of the step compiled for ``step``: its crop resolution (``res_schedule``) and token
-        keep fraction (``token_keep_until``), with the schedules resolved (one compile per distinct spec)."""
-        spec = self
-        if spec.token_keep_until:
-            keep = spec.token_keep if step < spec.token_keep_until else 1.0
-            spec = dataclasses.replace(spec, token_keep=keep, token_keep_until=0)
-        for until, res in spec.res_schedule:
-            if step < until:
-                return dataclasses.replace(spec, crop_res=res, res_schedule=())
-        return dataclasses.replace(spec, res_schedule=()) if spec.res_schedule else spec
+        """The spec of the step compiled for ``step``, every schedule resolved: crop resolution
+        (``res_schedule``), token keep fraction (``token_keep_until``), copies (``copies_schedule``) and
+        the crops' smallest area (``rrc_scale_schedule``). One compile per distinct resolved spec."""
+        if not (self.res_schedule or self.token_keep_until or self.copies_schedule or self.rrc_scale_schedule):
+            return self
+        opts = dict(self.aug_opts)
+        if "rrc_scale" in opts:
+            opts["rrc_scale"] = (scheduled(self.rrc_scale_schedule, step, opts["rrc_scale"][0]), opts["rrc_scale"][1])
+        keep = self.token_keep if not self.token_keep_until or step < self.token_keep_until else 1.0
+        return dataclasses.replace(
+            self, crop_res=scheduled(self.res_schedule, step, self.crop_res),
+            copies=scheduled(self.copies_schedule, step, self.copies), aug_opts=tuple(sorted(opts.items())),
+            token_keep=keep, res_schedule=(), token_keep_until=0, copies_schedule=(), rrc_scale_schedule=())
 
     @property
     def num_images(self) -> int:
@@ -112,23 +120,52 @@ def make_spec(config: ml_collections.ConfigDict, num_classes: int, method: Metho
         feature=config.backbone.feature, method_cfg=ml_collections.FrozenConfigDict(config.method),
         syn_lr=syn.lr, label_lr=syn.label_lr, param_lr=syn.param_lr or method.param_lr or syn.lr,
         adv_lr=syn.adv_lr or method.adv_lr or syn.lr, lr_warmup=syn.lr_warmup,
+        adam=(float(syn.adam_b1), float(syn.adam_b2), float(syn.adam_eps)),
         decorrelate=syn.decorrelate, extent=syn.extent, grow_mode=syn.grow_mode,
         reset_opt_on_grow=syn.reset_opt_on_grow, label_init_temp=syn.label_init_temp,
         res_schedule=parse_res_schedule(aug.res_schedule),
-        token_keep=float(aug.token_keep), token_keep_until=aug.token_keep_until)
+        token_keep=float(aug.token_keep), token_keep_until=aug.token_keep_until,
+        copies_schedule=parse_copies_schedule(aug.copies_schedule),
+        rrc_scale_schedule=parse_rrc_scale_schedule(aug.rrc_scale_schedule))
+
+
+def scheduled(schedule, step: int, after):
+    """The value of a ((until_step, value), ...) schedule at ``step``; ``after`` once every item has ended."""
+    return next((value for until, value in schedule if step < until), after)
+
+
+def parse_schedule(key: str, text: str, what: str, cast, example: str) -> tuple[tuple[int, Any], ...]:
+    """``"A:300,B:600"`` -> ((300, cast(A)), (600, cast(B))): A before step 300, B before step 600.
+
+    Raises ValueError naming ``key`` for an item that is not ``WHAT:UNTIL_STEP`` or steps that do not
+    increase. Range checks of the values belong to the caller (they depend on other keys)."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        value, sep, until = item.partition(":")
+        try:
+            if not sep or not until.strip().isdigit():
+                raise ValueError
+            out.append((int(until), cast(value.strip())))
+        except ValueError:
+            raise ValueError(f"{key} item {item!r} must be {what}:UNTIL_STEP, e.g. {example!r}") from None
+    if [u for u, _ in out] != sorted({u for u, _ in out}):
+        raise ValueError(f"{key} {text!r}: the steps must increase")
+    return tuple(out)
 
 
 def parse_res_schedule(text: str) -> tuple[tuple[int, int], ...]:
     """``"56:300,84:600"`` -> ((300, 56), (600, 84)): crops of 56 px before step 300, 84 px before 600."""
-    out = []
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        res, sep, until = item.partition(":")
-        if not sep or not res.strip().isdigit() or not until.strip().isdigit():
-            raise ValueError(f"augment.res_schedule item {item!r} must be RES:UNTIL_STEP, e.g. '56:300'")
-        out.append((int(until), int(res)))
-    if [u for u, _ in out] != sorted({u for u, _ in out}):
-        raise ValueError(f"augment.res_schedule {text!r}: the steps must increase")
-    return tuple(out)
+    return parse_schedule("augment.res_schedule", text, "RES", int, "56:300")
+
+
+def parse_copies_schedule(text: str) -> tuple[tuple[int, int], ...]:
+    """``"1:100"`` -> ((100, 1),): one augmented copy a step before step 100, then augment.copies."""
+    return parse_schedule("augment.copies_schedule", text, "COPIES", int, "1:100")
+
+
+def parse_rrc_scale_schedule(text: str) -> tuple[tuple[int, float], ...]:
+    """``"0.8:100"`` -> ((100, 0.8),): crops keep >= 80% of the area before step 100, then rrc_scale."""
+    return parse_schedule("augment.rrc_scale_schedule", text, "LO", float, "0.8:100")
 
 
 def syn_class_labels(spec: StepSpec) -> jax.Array:
@@ -136,18 +173,18 @@ def syn_class_labels(spec: StepSpec) -> jax.Array:
     return jnp.repeat(jnp.arange(spec.num_classes, dtype=jnp.int32), spec.ipc)
 
 
-def _adam(lr: float, warmup: int) -> optax.GradientTransformation:
+def _adam(lr: float, warmup: int, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
     schedule = optax.linear_schedule(0.0, lr, warmup) if warmup else lr
-    return optax.adam(schedule)
+    return optax.adam(schedule, b1=b1, b2=b2, eps=eps)
 
 
 def make_optimizers(spec: StepSpec) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
     """Adam on images (syn_lr), soft labels (label_lr) and method params (param_lr); Adam ascent on `adv`."""
-    w = spec.lr_warmup
+    adam = lambda lr: _adam(lr, spec.lr_warmup, *spec.adam)  # noqa: E731
     params_opt = optax.multi_transform(
-        {"syn": _adam(spec.syn_lr, w), "labels": _adam(spec.label_lr, w), "method": _adam(spec.param_lr, w)},
+        {"syn": adam(spec.syn_lr), "labels": adam(spec.label_lr), "method": adam(spec.param_lr)},
         {"syn": "syn", "labels": "labels", "method": "method"})
-    return params_opt, _adam(spec.adv_lr, w)
+    return params_opt, adam(spec.adv_lr)
 
 
 def init_state(key, spec: StepSpec, *, method: Method, feat_dim: int, init_images: jax.Array | None) -> dict:

@@ -137,6 +137,9 @@ RULES: tuple[Rule, ...] = (
     Rule("syn.adv_lr", zero_or(real(0.0, 1.0, lo_open=True), "the method's default"), LR_WHY),
     Rule("syn.label_lr", real(0.0, 1.0, lo_open=True), "Adam moves each soft-label logit by about lr per step"),
     Rule("syn.label_init_temp", positive()),
+    Rule("syn.adam_b1", real(0.0, 1.0, hi_open=True), "Adam's first-moment decay"),
+    Rule("syn.adam_b2", real(0.0, 1.0, hi_open=True), "Adam's second-moment decay"),
+    Rule("syn.adam_eps", positive(), "added to Adam's root second moment"),
     Rule("augment.copies", integer(1)),
     Rule("augment.accum_chunks", integer(1)),
     Rule("augment.rrc_scale", unit_interval_pair(), "the fraction of the image area a random crop keeps"),
@@ -160,10 +163,11 @@ RULES: tuple[Rule, ...] = (
 )
 
 # Keys whose value is free text (paths, names, lists): checked by the functions below (data.name,
-# data.data_dir, backbone.spec, eval.backbone, augment.ops, augment.res_schedule, resume_allow) or
+# data.data_dir, backbone.spec, eval.backbone, augment.ops, augment.*_schedule, resume_allow) or
 # where they are used (class lists, split names, the cache directory).
 FREE_TEXT = ("data.name", "data.data_dir", "data.classes", "data.train_split", "data.test_split", "backbone.spec",
-             "augment.ops", "augment.res_schedule", "real.cache_dir", "eval.backbone", "resume_allow")
+             "augment.ops", "augment.res_schedule", "augment.copies_schedule", "augment.rrc_scale_schedule",
+             "real.cache_dir", "eval.backbone", "resume_allow")
 
 # The CLP loss and its gradients scale as 1/T (measured on random features: gradients ~8 at T=1e-4,
 # ~1e27 at T=1e-30, where the backward pass through the encoder overflowed to NaN); the default is
@@ -314,6 +318,33 @@ def _res_schedule(config) -> list[int]:
     return [res for _, res in schedule]
 
 
+def _step_schedules(config) -> None:
+    """``augment.copies_schedule`` and ``augment.rrc_scale_schedule``: well formed, and each value one the
+    step can take (copies a multiple of accum_chunks; a crop scale within (0, rrc_scale[1]])."""
+    from jdd import step as step_lib
+    for key, parse, fmt in (("augment.copies_schedule", step_lib.parse_copies_schedule, "'1:100'"),
+                            ("augment.rrc_scale_schedule", step_lib.parse_rrc_scale_schedule, "'0.8:100'")):
+        text = _get(config, key)
+        if text is _MISSING or not text:
+            continue
+        try:
+            schedule = parse(text)
+        except ValueError as err:
+            raise refuse(key, text, f"VALUE:UNTIL_STEP items with increasing steps, e.g. {fmt}", str(err)) from None
+        if key == "augment.copies_schedule":
+            chunks = _get(config, "augment.accum_chunks")
+            for _, copies in schedule:
+                if copies < 1 or copies % chunks:
+                    raise refuse(key, text, f"copies >= 1 and multiples of augment.accum_chunks = {chunks}",
+                                 f"{copies} is not; the copies are encoded in equal chunks")
+        else:
+            hi = _get(config, "augment.rrc_scale")[1]
+            for _, lo in schedule:
+                if not 0 < lo <= hi:
+                    raise refuse(key, text, f"area fractions in (0, augment.rrc_scale[1] = {hi}]",
+                                 f"{lo} is not; it is the smallest area a crop keeps before that step")
+
+
 def _check_data(config) -> None:
     from jdd.data import sources
     name, data_dir = _get(config, "data.name"), _get(config, "data.data_dir")
@@ -388,6 +419,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_paths: bool = Tr
     _cross(config)
     _check_ops(config)
     _res_schedule(config)
+    _step_schedules(config)
     if check_paths:
         _check_data(config)
         _check_patch(config)

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import chex
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -341,6 +343,59 @@ def test_coarse_to_fine_compiles_one_step_per_resolution(tiny_data, tmp_path):
         distill.run(cfg, str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="RES:UNTIL_STEP"):
         step_lib.parse_res_schedule("16-2")
+
+
+def test_copies_and_crop_scale_schedules(tiny_data, tmp_path):
+    """augment.copies_schedule / rrc_scale_schedule resolve per step (after the last item: copies and
+    rrc_scale); a run with 1 copy and near-full crops early takes another path; bad items are refused."""
+    from jdd import step as step_lib
+    tiny = _load_tiny()
+    cfg = tiny.get_config(f"data={tiny_data},steps=4,param=pixels")
+    cfg.augment.ops, cfg.augment.rrc_scale = "flip,rrc", (0.3, 1.0)
+    cfg.augment.copies_schedule, cfg.augment.rrc_scale_schedule = "1:2", "0.9:1,0.6:3"
+    spec = step_lib.make_spec(cfg, 4, distill.context.methods.get("clp"))
+    resolved = [spec.at_step(t) for t in range(4)]
+    assert [s.copies for s in resolved] == [1, 1, 2, 2]
+    assert [dict(s.aug_opts)["rrc_scale"] for s in resolved] == [(0.9, 1.0), (0.6, 1.0), (0.6, 1.0), (0.3, 1.0)]
+    assert resolved[3] == dataclasses.replace(spec, copies_schedule=(), rrc_scale_schedule=())
+    assert {s.real_per_class for s in resolved} == {spec.real_per_class}  # the real batch keeps its size
+    distill.run(cfg, str(tmp_path / "scheduled"))
+    cfg.augment.copies_schedule, cfg.augment.rrc_scale_schedule = "", ""
+    distill.run(cfg, str(tmp_path / "plain"))
+    a, b = images_of(tmp_path / "scheduled")[0], images_of(tmp_path / "plain")[0]
+    assert np.isfinite(a).all() and np.abs(a - b).max() > 1e-4
+    with pytest.raises(ValueError, match="COPIES:UNTIL_STEP"):
+        step_lib.parse_copies_schedule("1-100")
+    with pytest.raises(ValueError, match="steps must increase"):
+        step_lib.parse_rrc_scale_schedule("0.9:5,0.5:5")
+
+
+def test_adam_settings_reach_every_optimiser(tiny_data):
+    """syn.adam_b1 / adam_b2 / adam_eps: the images' optimiser is optax's Adam with those settings (two
+    updates, so the moment decays matter) and they differ from the defaults' updates."""
+    import optax
+    from jdd import step as step_lib
+    cfg = _load_tiny().get_config(f"data={tiny_data}")
+    grads = [{"syn": {"x": jnp.asarray(np.random.default_rng(i).normal(size=(3, 4)), jnp.float32)},
+              "labels": {}, "method": {}} for i in range(2)]
+
+    def updates(tx, tree):
+        state, out = tx.init(tree[0]), []
+        for g in tree:
+            u, state = tx.update(g, state)
+            out.append(u)
+        return out
+
+    method = distill.context.methods.get("lgm")
+    default = updates(step_lib.make_optimizers(step_lib.make_spec(cfg, 4, method))[0], grads)
+    cfg.syn.adam_b1, cfg.syn.adam_b2, cfg.syn.adam_eps = 0.5, 0.9, 1e-3
+    spec = step_lib.make_spec(cfg, 4, method)
+    assert spec.adam == (0.5, 0.9, 1e-3)
+    mine = updates(step_lib.make_optimizers(spec)[0], grads)
+    want = updates(optax.adam(spec.syn_lr, b1=0.5, b2=0.9, eps=1e-3), [g["syn"] for g in grads])
+    for u, w in zip(mine, want):
+        chex.assert_trees_all_close(u["syn"], w, rtol=1e-6)
+    assert not np.allclose(mine[1]["syn"]["x"], default[1]["syn"]["x"], rtol=1e-3)
 
 
 def _run_tiny(tiny, tmp_path, name, arg, **augment):

@@ -71,6 +71,7 @@ BAD = [  # (key, value, fragment of what is allowed)
     ("syn.lr", -1.0, "(0, 1]"), ("syn.lr", 0.0, "(0, 1]"), ("syn.lr", 1e30, "(0, 1]"),
     ("syn.lr", float("nan"), "finite"),
     ("syn.lr_warmup", -1, ">= 0"), ("syn.param_lr", -1.0, "0 (the method's default)"),
+    ("syn.adam_b1", 1.0, "[0, 1)"), ("syn.adam_b2", -0.1, "[0, 1)"), ("syn.adam_eps", 0.0, "> 0"),
     ("syn.adv_lr", 5.0, "(0, 1]"), ("syn.label_lr", 0.0, "(0, 1]"), ("syn.label_init_temp", 0.0, "> 0"),
     ("augment.copies", 0, ">= 1"), ("augment.accum_chunks", 0, ">= 1"), ("augment.rrc_scale", (0.5, 2.0), "0 < lo"),
     ("augment.rrc_scale", (0.9, 0.5), "lo <= hi"), ("augment.rrc_scale", (0.0, 1.0), "0 < lo"),
@@ -125,6 +126,9 @@ def test_bad_method_value_is_refused(folder, method, key, value):
     ({"data.name": "imagenete", "data.data_dir": ""}, "--config.data.name='imagenete'"),
     ({"augment.res_schedule": "16:4,24"}, "must be RES:UNTIL_STEP"),
     ({"augment.res_schedule": "20:4"}, "20 is not; nearest: 16 or 24"),
+    ({"augment.copies_schedule": "one:4"}, "must be COPIES:UNTIL_STEP"),
+    ({"augment.copies_schedule": "3:4", "augment.accum_chunks": 2}, "multiples of augment.accum_chunks = 2"),
+    ({"augment.rrc_scale_schedule": "1.5:4"}, "area fractions in (0, augment.rrc_scale[1]"),
 ])
 def test_cross_key_and_lookup_rules(folder, changes, fragment):
     c = tiny(folder)
