@@ -238,7 +238,7 @@ def save_lgm_pth(path: str, s: dict) -> str:
            "labels": torch.from_numpy(s["labels"].astype(np.int64)),
            "class_names": list(s["class_names"])}
     if "soft_labels" in s:
-        out["soft_labels"] = torch.from_numpy(s["soft_labels"])
+        out["soft_labels"] = torch.from_numpy(np.array(s["soft_labels"], np.float32))  # a writable copy
     tmp = path + ".tmp"
     torch.save(out, tmp)
     os.replace(tmp, path)
