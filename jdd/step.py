@@ -87,8 +87,9 @@ class StepSpec:
         if not (self.res_schedule or self.token_keep_until or self.copies_schedule or self.rrc_scale_schedule):
             return self
         opts = dict(self.aug_opts)
-        if "rrc_scale" in opts:
-            opts["rrc_scale"] = (scheduled(self.rrc_scale_schedule, step, opts["rrc_scale"][0]), opts["rrc_scale"][1])
+        if self.rrc_scale_schedule:
+            lo, hi = opts["rrc_scale"]
+            opts["rrc_scale"] = (scheduled(self.rrc_scale_schedule, step, lo), hi)
         keep = self.token_keep if not self.token_keep_until or step < self.token_keep_until else 1.0
         return dataclasses.replace(
             self, crop_res=scheduled(self.res_schedule, step, self.crop_res),

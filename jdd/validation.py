@@ -300,18 +300,25 @@ def _check_ops(config) -> None:
                      f"unknown: {', '.join(unknown)}")
 
 
+def _schedule(config, key: str, parse, must: str) -> tuple:
+    """``key``'s parsed ``VALUE:UNTIL_STEP`` schedule (refused, saying it ``must`` be, when malformed); ()
+    when absent or empty."""
+    text = _get(config, key)
+    if text is _MISSING or not text:
+        return ()
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise refuse(key, text, must, str(err)) from None
+
+
 def _res_schedule(config) -> list[int]:
     """The crop resolutions of ``augment.res_schedule`` (checked), [] when it is absent or empty."""
-    text = _get(config, "augment.res_schedule")
-    if text is _MISSING or not text:
-        return []
     from jdd import step as step_lib
-    try:
-        schedule = step_lib.parse_res_schedule(text)
-    except ValueError as err:
-        raise refuse("augment.res_schedule", text, "RES:UNTIL_STEP items with increasing steps, e.g. '56:300'",
-                     str(err)) from None
+    schedule = _schedule(config, "augment.res_schedule", step_lib.parse_res_schedule,
+                         "RES:UNTIL_STEP items with increasing steps, e.g. '56:300'")
     crop = _get(config, "data.crop_res")
+    text = _get(config, "augment.res_schedule")
     for _, res in schedule:
         if not 1 <= res <= crop:
             raise refuse("augment.res_schedule", text, f"resolutions in [1, data.crop_res = {crop}]")
@@ -322,27 +329,20 @@ def _step_schedules(config) -> None:
     """``augment.copies_schedule`` and ``augment.rrc_scale_schedule``: well formed, and each value one the
     step can take (copies a multiple of accum_chunks; a crop scale within (0, rrc_scale[1]])."""
     from jdd import step as step_lib
-    for key, parse, fmt in (("augment.copies_schedule", step_lib.parse_copies_schedule, "'1:100'"),
-                            ("augment.rrc_scale_schedule", step_lib.parse_rrc_scale_schedule, "'0.8:100'")):
-        text = _get(config, key)
-        if text is _MISSING or not text:
-            continue
-        try:
-            schedule = parse(text)
-        except ValueError as err:
-            raise refuse(key, text, f"VALUE:UNTIL_STEP items with increasing steps, e.g. {fmt}", str(err)) from None
-        if key == "augment.copies_schedule":
-            chunks = _get(config, "augment.accum_chunks")
-            for _, copies in schedule:
-                if copies < 1 or copies % chunks:
-                    raise refuse(key, text, f"copies >= 1 and multiples of augment.accum_chunks = {chunks}",
-                                 f"{copies} is not; the copies are encoded in equal chunks")
-        else:
-            hi = _get(config, "augment.rrc_scale")[1]
-            for _, lo in schedule:
-                if not 0 < lo <= hi:
-                    raise refuse(key, text, f"area fractions in (0, augment.rrc_scale[1] = {hi}]",
-                                 f"{lo} is not; it is the smallest area a crop keeps before that step")
+    key = "augment.copies_schedule"
+    chunks = _get(config, "augment.accum_chunks")
+    for _, copies in _schedule(config, key, step_lib.parse_copies_schedule,
+                               "VALUE:UNTIL_STEP items with increasing steps, e.g. '1:100'"):
+        if copies < 1 or copies % chunks:
+            raise refuse(key, _get(config, key), f"copies >= 1 and multiples of augment.accum_chunks = {chunks}",
+                         f"{copies} is not; the copies are encoded in equal chunks")
+    key = "augment.rrc_scale_schedule"
+    for _, lo in _schedule(config, key, step_lib.parse_rrc_scale_schedule,
+                           "VALUE:UNTIL_STEP items with increasing steps, e.g. '0.8:100'"):
+        hi = _get(config, "augment.rrc_scale")[1]
+        if not 0 < lo <= hi:
+            raise refuse(key, _get(config, key), f"area fractions in (0, augment.rrc_scale[1] = {hi}]",
+                         f"{lo} is not; it is the smallest area a crop keeps before that step")
 
 
 def _check_data(config) -> None:
