@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdd import augment, backbones, data, methods, parallel, probe, step as step_lib, synsets, validation
+from jdd import augment, backbones, data, fingerprint, methods, parallel, probe, step as step_lib, synsets, validation
 
 log = logging.getLogger("jdd")
 
@@ -126,17 +126,24 @@ def validate(config, train, backbone, mesh) -> None:
 
 # ----------------------------------------------------------------------------------------- feature caches
 
-def _backbone_id(name: str) -> str:
-    """A local checkpoint by its absolute path, so "ckpt" and "/abs/ckpt" share one cache."""
-    return os.path.abspath(name) if os.path.isdir(name) else name
+def backbone_id(backbone) -> dict:
+    """What a backbone's features depend on: its name (a local checkpoint by its absolute path, so
+    "ckpt" and "/abs/ckpt" share one cache) and the content hash of its weight files, so that other
+    weights written to the same directory, or a hub name's new revision, never reuse a cache."""
+    name = os.path.abspath(backbone.name) if os.path.isdir(backbone.name) else backbone.name
+    if not backbone.directory:  # random weights: the name (family, variant) and seed decide them
+        return {"backbone": name}
+    return {"backbone": name, "weights": fingerprint.weights_digest(backbone.directory)}
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureCaches:
     """Whole-split backbone features, built once and shared by runs with the same settings.
 
-    The cache key names everything the features depend on (dataset, split, class subset, backbone,
-    dtype, feature, resolutions, augmented views), so runs that differ elsewhere share a cache.
+    The cache key names everything the features depend on (dataset, split, class subset, the images'
+    fingerprint (``Source.identity``), backbone and its weights' content hash, dtype, feature,
+    resolutions, augmented views), so runs that differ elsewhere share a cache, and a cache is never
+    served for other pixels or weights.
     """
     cache_dir: str
     dataset: str
@@ -161,9 +168,9 @@ class FeatureCaches:
                    crop_res=c.data.crop_res, seed=c.seed, aug_ops=c.augment.ops,
                    rrc_scale=tuple(c.augment.rrc_scale), noise_std=c.augment.noise_std)
 
-    def key(self, split: str, backbone_name: str, views: int) -> dict:
+    def key(self, split: str, backbone, views: int) -> dict:
         key = dict(dataset=self.dataset, data_dir=self.data_dir, split=split, classes=self.classes,
-                   backbone=_backbone_id(backbone_name), dtype=self.dtype, feature=self.feature,
+                   **backbone_id(backbone), dtype=self.dtype, feature=self.feature,
                    real_res=self.real_res, crop_res=self.crop_res, views=views)
         if views > 1:
             key.update(ops=self.aug_ops, rrc_scale=list(self.rrc_scale), noise_std=self.noise_std)
@@ -185,7 +192,7 @@ class FeatureCaches:
         # Process 0 builds a missing cache while the others wait, then they open it: a file lock alone
         # does not serialise builders on different machines sharing the storage.
         return parallel.main_first(
-            lambda: data.feature_cache(source, encode, key=self.key(split, backbone.name, views),
+            lambda: data.feature_cache(source, encode, key=self.key(split, backbone, views),
                                        cache_dir=self.cache_dir, res=self.real_res, crop_res=self.crop_res,
                                        views=views, augment=aug, seed=self.seed,
                                        exclude_unreadable=exclude_unreadable),

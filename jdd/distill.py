@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdd import context, data, evaluators, loop, parallel, results as results_lib, sets, step as step_lib
+from jdd import context, data, evaluators, loop, parallel, results as results_lib, sets, signals, step as step_lib
 from jdd import workdir as workdir_lib
 
 log = logging.getLogger("jdd")
@@ -43,14 +43,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = "distill
     ctx = context.build(config, workdir)
     # One run per workdir: process 0 holds the lock (every process of a multi-host run shares the workdir).
     with workdir_lib.lock(workdir) if parallel.is_main_process() else contextlib.nullcontext():
+        lost = "during evaluation: no scores were written; rerun the same command"
         if mode == "baselines":
-            return evaluate(ctx, None)
+            with signals.stage(lost):
+                return evaluate(ctx, None)
         if mode == "eval":
             the_set = sets.load_set(set_path, class_names=ctx.train.class_names)
         else:
             the_set = distill(ctx, t_start=t_start)
+            lost = (f"during evaluation: the distilled set is saved in {workdir}, its scores were not written; "
+                    f"score it with the same command and --mode=eval")
         if mode == "eval" or config.eval.enabled:
-            return evaluate(ctx, the_set)
+            with signals.stage(lost):
+                return evaluate(ctx, the_set)
         return {}
 
 

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jdd import data, export, parallel, selection, sets, step as step_lib, synsets, workdir as workdir_lib
+from jdd import data, export, parallel, selection, sets, signals, step as step_lib, synsets
+from jdd import workdir as workdir_lib
 from jdd.checkpoint import Checkpointer
 
 log = logging.getLogger("jdd")
@@ -229,6 +230,23 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
     side is ``real_cache`` (``cache_arrays``, sampled in-step), ``batches(start_step)`` (an iterator
     of this host's real batches) or neither (``spec.real_source == "none"``).
     """
+    with signals.deferred():  # SIGTERM / SIGINT: the checkpoint of the current step, then stop
+        return _distill(spec=spec, method=method, mesh=mesh, backbone_params=backbone_params, embed=embed,
+                        schedule=schedule, meta=meta, workdir=workdir, class_names=class_names, state_at=state_at,
+                        consts=consts, real_cache=real_cache, batches=batches, score=score,
+                        resume_allow=resume_allow, shard_state_mb=shard_state_mb, t_start=t_start)
+
+
+def _interrupt_requested(logging_step: bool) -> bool:
+    """Whether a signal asks the run to stop after this step; with several processes, process 0's
+    answer on logging steps (where the host syncs anyway), so that all of them stop at the same step."""
+    if jax.process_count() == 1:
+        return signals.pending() is not None
+    return logging_step and parallel.broadcast_flag(signals.pending() is not None)
+
+
+def _distill(*, spec, method, mesh, backbone_params, embed, schedule, meta, workdir, class_names, state_at,
+             consts, real_cache, batches, score, resume_allow, shard_state_mb, t_start) -> dict:
     t_start = time.time() if t_start is None else t_start
     main = parallel.is_main_process()
     bb_params = parallel.replicate(backbone_params, mesh)
@@ -321,7 +339,8 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
                 and parallel.broadcast_flag(time.time() - t_start > 60 * schedule.budget_minutes)):
             stop = (f"budget of {schedule.budget_minutes:.1f} min reached after step {done} of {schedule.steps}; "
                     "exporting this state (a rerun with a larger budget resumes from here)")
-        force = done == schedule.steps or stop is not None
+        interrupted = _interrupt_requested(logging_step)
+        force = done == schedule.steps or stop is not None or interrupted
         if force or ckpt.should_save(done):
             if not bool(ok):  # a checkpoint syncs anyway; never write a non-finite state
                 raise _non_finite(done, last_ok, ckpt.latest_step())
@@ -332,6 +351,11 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
             if main:
                 export.grid_png(os.path.join(workdir, "distilled.png"), the_set["images"], the_set["labels"],
                                 class_names)
+        if interrupted:
+            bar.close()
+            ckpt.close()  # waits for the save: the state of step `done` is on disk
+            writer.close()
+            signals.stop(f"at step {done}: checkpoint written, resume with the same command")
         if stop:
             log.warning(stop)
             if score and done % schedule.track_every:
@@ -349,4 +373,7 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
     if main:  # distilled.npz, distilled_images/ (PNG ImageFolder), distilled.pth (with torch), distilled.png
         sets.export_all(workdir, {**out, "class_names": list(class_names)})
         export.loss_plot(workdir)
+    if signals.pending() is not None:  # it came during the export, which finished first
+        signals.stop(f"after the last step: the distilled set is saved in {workdir}; it was not evaluated: "
+                     f"score it with the same command and --mode=eval")
     return out

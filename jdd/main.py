@@ -200,6 +200,8 @@ def _text(err: BaseException) -> str:
 
 def error_message(err: BaseException, workdir: str | None) -> tuple[str, int]:
     """(one line, exit status) for an error that ended a run."""
+    if getattr(err, "one_line", False):  # written for the user where it was raised (e.g. a full cache disk)
+        return str(err), USAGE_STATUS
     full, path = _disk_full(err)
     if full:
         where = path or workdir or "the run's files"
@@ -222,6 +224,12 @@ def _single_process(config) -> bool:
 
 def run(config, workdir: str, mode: str, eval_npz: str | None = None, eval_set: str | None = None):
     """Validates, checks and locks the workdir, then runs (what ``main`` does after flag parsing)."""
+    from jdd import signals
+    with signals.handled():  # SIGTERM / SIGINT stop at a safe point and say what was kept
+        return _run(config, workdir, mode, eval_npz, eval_set)
+
+
+def _run(config, workdir: str, mode: str, eval_npz: str | None, eval_set: str | None):
     from jdd import validation, workdir as workdir_lib
     validation.validate_config(config, check_paths=mode != "export")  # export reads neither data nor backbone
     path = workdir_lib.prepare_workdir(workdir)
@@ -253,8 +261,15 @@ def main(argv):
         if _debug():
             raise
         _fail(flag_error_message(err, sys.argv), USAGE_STATUS)
+    from jdd import signals
     try:
         run(config, FLAGS.workdir, FLAGS.mode, FLAGS.eval_npz, FLAGS.eval_set)
+    except signals.Interrupted as err:  # one line saying where the run stopped and what was kept
+        _close_progress_bars()
+        sys.stdout.flush()
+        sys.stderr.write(f"jdd: {err}\n")
+        sys.stderr.flush()
+        sys.exit(err.status)
     except KeyboardInterrupt:
         if _debug():
             raise

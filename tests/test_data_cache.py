@@ -58,7 +58,7 @@ def test_round_trip_matches_direct_encoding(source, tmp_path):
     np.testing.assert_array_equal(cache.labels, source.labels)
     assert cache.num_classes == 3 and cache.meta["class_ids"] == ["a", "b", "c"]
     assert cache.meta["full_key"]["key"] == {"backbone": "proj"}
-    assert sorted(os.listdir(cache.path)) == [".lock", "features.npy", "labels.npy", "meta.json"]
+    assert sorted(os.listdir(cache.path)) == [".lock", "features.npy", "files.npz", "labels.npy", "meta.json"]
     # a second call opens it without encoding anything
     again = jd.feature_cache(source, CountingEmbed(fail_at=1), key={"backbone": "proj"}, cache_dir=str(tmp_path),
                              res=RES, crop_res=CROP, batch_size=BATCH)

@@ -48,6 +48,7 @@ class Backbone:
     patch_size: int
     image_size: int
     embed_dim: int
+    directory: str = ""  # the checkpoint directory the weights were read from ("" for random weights)
 
     @property
     def config(self) -> ViTConfig:
@@ -189,4 +190,4 @@ def load(spec: str, *, dtype=jnp.float32) -> Backbone:
     except ConversionError as err:
         raise ConversionError(f"{directory} ({fam.name}): {err}") from None
     params = jax.device_put(flat)
-    return _make(fam, cfg, params, str(spec), dtype)
+    return dataclasses.replace(_make(fam, cfg, params, str(spec), dtype), directory=str(directory))

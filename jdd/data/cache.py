@@ -6,8 +6,15 @@ Layout of one cache directory, CACHE_DIR/<dataset>-<split>-<name>-<hash of the k
                    3-D (views == 1 included; use `FeatureCache.view(0)` for an [N, D] view)
     labels.npy     int32 [N]
     meta.json      the full key, shapes, class ids/names; written last: its presence means complete
+    files.npz      (file-backed sources) each image's path, size and mtime, to say which files changed
     progress.json  while building: rows done, atomically replaced after every batch
     .lock          an flock held by the building process, so concurrent builders wait, not clash
+
+The key includes a fingerprint of the images (``Source.identity``: each file's path, size and
+mtime) and the caller's key (the backbone and its weights' hash), so a cache is never served for
+other pixels or weights: those get a new directory, and the log says which part of the key differs
+from the nearest existing cache. A cache whose files cannot be read (truncated, damaged) is moved
+aside to ``<dir>.damaged-<time>/`` and built again.
 
 A build that is killed resumes at the first unfinished batch; rows already written are not
 encoded again. Image i's views are deterministic given (seed, batch start, view), so a resumed
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -29,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import tqdm
 
+from jdd import fingerprint, signals
 from jdd.data.loader import ImageSpec, Loader, Request, prefetched
 from jdd.data.sources import Source
 
@@ -106,8 +115,13 @@ class FeatureCache:
                                     f"jdd.data.feature_cache(...)")
         with open(meta_path) as f:
             meta = json.load(f)
-        return cls(path, np.load(os.path.join(path, "features.npy"), mmap_mode="r"),
-                   np.load(os.path.join(path, "labels.npy")), meta)
+        cache = cls(path, np.load(os.path.join(path, "features.npy"), mmap_mode="r"),
+                    np.load(os.path.join(path, "labels.npy")), meta)
+        want = (int(meta["num_examples"]), int(meta["views"]), int(meta["dim"]))
+        if cache.features.shape != want or cache.labels.shape != want[:1]:
+            raise ValueError(f"features {cache.features.shape} / labels {cache.labels.shape} do not match "
+                             f"meta.json's {want}")
+        return cache
 
 
 def _canonical(obj) -> str:
@@ -117,11 +131,15 @@ def _canonical(obj) -> str:
 def _write_json(path: str, obj: dict) -> None:
     """Writes JSON atomically: readers see the old file or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _read_json(path: str) -> dict | None:
@@ -188,17 +206,110 @@ def feature_cache(source: Source, embed_fn: EmbedFn, *, key: dict | str, cache_d
                 "dtype": np.dtype(dtype).name}
     if augment is not None:  # the random views depend on the seed and on the batch boundaries
         full_key.update(seed=seed, batch_size=batch_size)
-    path = os.path.join(os.path.expanduser(cache_dir), cache_dir_name(source, key, full_key))
+    root = os.path.expanduser(cache_dir)
+    path = os.path.join(root, cache_dir_name(source, key, full_key))
     os.makedirs(path, exist_ok=True)
     with _exclusive(path):
-        meta = _read_json(os.path.join(path, "meta.json"))
-        if meta is None:
-            _build(source, embed_fn, path, full_key, batch_size, augment, views, seed, dtype,
-                   ImageSpec(res, crop_res, draft), workers, prefetch, progress)
-        elif _canonical(meta["full_key"]) != _canonical(full_key):
-            raise ValueError(f"feature cache {path} was built for another key: {meta['full_key']}; delete it")
-    cache = FeatureCache.open(path)
+        cache = _open_complete(path, full_key)
+        if cache is None:
+            if not os.path.exists(os.path.join(path, "progress.json")):
+                _say_why_new(root, path, source, full_key)
+            try:
+                _build(source, embed_fn, path, full_key, batch_size, augment, views, seed, dtype,
+                       ImageSpec(res, crop_res, draft), workers, prefetch, progress)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise CacheDiskFull(path, err) from err
+                raise
+            cache = FeatureCache.open(path)
     return cache.excluding_unreadable() if exclude_unreadable else cache
+
+
+class CacheDiskFull(OSError):
+    """The disk filled while a feature cache was written: one line for the user (see ``jdd.main``)."""
+    one_line = True
+
+    def __init__(self, path: str, cause: OSError):
+        super().__init__(cause.errno, cause.strerror, cause.filename or path)
+        self.path = path
+
+    def __str__(self) -> str:
+        return (f"no space left on device while writing the feature cache {self.path}; free space there or "
+                f"set --config.real.cache_dir to a disk with room (the rows written so far are kept and "
+                f"the same command resumes; an incomplete cache is never read)")
+
+
+def _open_complete(path: str, full_key: dict) -> "FeatureCache | None":
+    """The complete cache at ``path``, or None (absent, unfinished, or damaged: then moved aside)."""
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        return None
+    try:
+        cache = FeatureCache.open(path)
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        _quarantine(path, err)
+        return None
+    if _canonical(cache.meta.get("full_key")) != _canonical(full_key):
+        raise ValueError(f"feature cache {path} was built for another key: {cache.meta.get('full_key')}; delete it")
+    return cache
+
+
+def _quarantine(path: str, err: BaseException) -> None:
+    """Moves a damaged cache's files to ``<path>.damaged-<time>/`` (the lock file stays: other
+    processes wait on it), so the cache is built again and nothing of it is read."""
+    aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    os.makedirs(aside, exist_ok=True)
+    for name in os.listdir(path):
+        if name != ".lock":
+            os.replace(os.path.join(path, name), os.path.join(aside, name))
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    log.warning("feature cache %s cannot be read (%s: %s); its files are moved to %s and it is built again",
+                path, type(err).__name__, reason, aside)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two (nested) keys."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif _canonical(a) != _canonical(b):
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _say_why_new(root: str, path: str, source: Source, full_key: dict) -> None:
+    """Logs which part of the key differs from the nearest complete cache of the same dataset, split
+    and backbone name (none: a first build, nothing said)."""
+    stem = os.path.basename(path).rsplit("-", 1)[0]
+    nearest = None
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        other = os.path.join(root, name)
+        if name.rsplit("-", 1)[0] != stem or other == path or ".damaged-" in name:
+            continue
+        try:
+            meta = _read_json(os.path.join(other, "meta.json"))
+        except ValueError:
+            continue
+        if meta and isinstance(meta.get("full_key"), dict):
+            diff = _differences(meta["full_key"], full_key)
+            if nearest is None or len(diff) < len(nearest[1]):
+                nearest = (other, diff)
+    if nearest is None:
+        return
+    other, diff = nearest
+    what = []
+    for k in diff:
+        if k == "source.content":
+            old, new = fingerprint.load_table(os.path.join(other, "files.npz")), source.file_table()
+            changes = f" ({fingerprint.table_changes(old, new)})" if old and new else ""
+            what.append(f"the images changed{changes}")
+        elif k == "key.weights":
+            what.append("the backbone's weights changed (same name, other file contents)")
+        elif k not in ("source.num_examples", "source.class_ids") or "source.content" not in diff:
+            what.append(f"{k} differs")
+    log.warning("%s cache: %s -> building a new cache in %s (the cache in %s is left as it is)",
+                source.split, "; ".join(what), path, other)
 
 
 def _embed(embed_fn: EmbedFn, images: np.ndarray, batch_size: int, dim: int | None) -> np.ndarray:
@@ -233,31 +344,41 @@ def _build(source: Source, embed_fn: EmbedFn, path: str, full_key: dict, batch_s
     start = time.time()
     bar = tqdm.tqdm(total=n, initial=done, unit="img", desc=f"encoding {os.path.basename(path)}",
                     disable=not progress, smoothing=0.1, mininterval=1.0)
+    table = source.file_table()
+    if table is not None and not done:
+        fingerprint.save_table(os.path.join(path, "files.npz"), table)
     batches = prefetched(Loader(source, spec, workers), requests(), prefetch)
-    try:
-        for lo, batch in zip(range(done, n, batch_size), batches):
-            hi = min(lo + batch_size, n)
-            for v in range(views):
-                images = batch["image"] if augment is None else augment(_augment_seed(seed, lo, v), batch["image"])
-                out = _embed(embed_fn, images, batch_size, dim)
-                if features is None:  # first batch: now D is known
-                    dim = out.shape[1]
-                    features = np.lib.format.open_memmap(feat_path, mode="w+", dtype=dtype, shape=(n, views, dim))
-                    np.save(os.path.join(path, "labels.npy"), source.labels.astype(np.int32))
-                features[lo:hi, v] = out[:hi - lo]
-            features.flush()  # rows on disk before the progress record says so
-            _write_json(prog_path, {"full_key": full_key, "done": hi, "dim": dim,
-                                    "unreadable": sorted(unreadable_before | set(source.unreadable))})
-            bar.update(hi - lo)
-    finally:
-        batches.close()
-        bar.close()
-    unreadable = sorted(unreadable_before | set(source.unreadable))
-    if unreadable:
-        log.warning("%d unreadable images (their rows hold another image of their class; a test split "
-                    "leaves them out): %s", len(unreadable), unreadable[:20])
-    meta = {"full_key": full_key, "num_examples": n, "views": views, "dim": dim, "dtype": np.dtype(dtype).name,
-            "num_classes": source.num_classes, "class_ids": source.class_ids, "class_names": source.class_names,
-            "unreadable": unreadable, "build_seconds_last_session": round(time.time() - start, 1)}
-    _write_json(os.path.join(path, "meta.json"), meta)
-    os.remove(prog_path)
+    with signals.deferred():  # a signal stops the build between batches, never inside one
+        try:
+            for lo, batch in zip(range(done, n, batch_size), batches):
+                if signals.pending():  # the rows of every finished batch are on disk and recorded
+                    signals.stop(f"while building the feature cache {path}: {lo} of {n} images encoded and kept "
+                                 f"(an incomplete cache is never read); resume with the same command")
+                hi = min(lo + batch_size, n)
+                for v in range(views):
+                    images = (batch["image"] if augment is None
+                              else augment(_augment_seed(seed, lo, v), batch["image"]))
+                    out = _embed(embed_fn, images, batch_size, dim)
+                    if features is None:  # first batch: now D is known
+                        dim = out.shape[1]
+                        features = np.lib.format.open_memmap(feat_path, mode="w+", dtype=dtype,
+                                                             shape=(n, views, dim))
+                        np.save(os.path.join(path, "labels.npy"), source.labels.astype(np.int32))
+                    features[lo:hi, v] = out[:hi - lo]
+                features.flush()  # rows on disk before the progress record says so
+                _write_json(prog_path, {"full_key": full_key, "done": hi, "dim": dim,
+                                        "unreadable": sorted(unreadable_before | set(source.unreadable))})
+                bar.update(hi - lo)
+        finally:
+            batches.close()
+            bar.close()
+        unreadable = sorted(unreadable_before | set(source.unreadable))
+        if unreadable:
+            log.warning("%d unreadable images (their rows hold another image of their class; a test split "
+                        "leaves them out): %s", len(unreadable), unreadable[:20])
+        meta = {"full_key": full_key, "num_examples": n, "views": views, "dim": dim,
+                "dtype": np.dtype(dtype).name, "num_classes": source.num_classes, "class_ids": source.class_ids,
+                "class_names": source.class_names, "unreadable": unreadable,
+                "build_seconds_last_session": round(time.time() - start, 1)}
+        _write_json(os.path.join(path, "meta.json"), meta)
+        os.remove(prog_path)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from jdd import fingerprint
 from jdd.data import class_names, images as pp
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,22 @@ class Source:
                 f"classes={self.num_classes}, at={self.location!r})")
 
     def identity(self) -> dict:
-        """What makes this source's contents unique, for cache keys (not where it is stored)."""
+        """What makes this source's contents unique, for cache keys (not where it is stored).
+
+        Back ends add a fingerprint of the stored data (``content``), so that a cache is never served
+        for other pixels under the same names and counts.
+        """
         return {"name": self.name, "split": self.split, "num_examples": len(self),
-                "class_ids": self.class_ids}
+                "class_ids": self.class_ids, "content": self.content_digest()}
+
+    def content_digest(self) -> str | None:
+        """A fingerprint of the stored images (None: the back end has none)."""
+        return None
+
+    def file_table(self) -> dict | None:
+        """Per-file paths, sizes and mtimes behind ``content_digest`` (None: not files), for saying
+        which files changed."""
+        return None
 
     @functools.cached_property
     def _by_class(self) -> list[np.ndarray]:
@@ -201,6 +215,7 @@ class ImageFolderSource(Source):
 
     def __init__(self, files: list[str], **kw):
         self._files = files
+        self._table = None
         super().__init__(**kw)
 
     def _fetch(self, i: int) -> str:
@@ -211,6 +226,16 @@ class ImageFolderSource(Source):
 
     def path(self, i: int) -> str:
         return self._files[i]
+
+    def file_table(self) -> dict:
+        """Each image's path (relative to the split directory), size and mtime: one ``stat`` per file,
+        taken once per source (a run sees the tree as it was when it first asked)."""
+        if self._table is None:
+            self._table = fingerprint.file_table(self._files, self.location)
+        return self._table
+
+    def content_digest(self) -> str:
+        return fingerprint.table_digest(self.file_table())
 
 
 def _read_names_tsv(root: str) -> dict[str, str]:

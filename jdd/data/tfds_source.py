@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import tqdm
 
+from jdd import fingerprint
 from jdd.data import sources
 from jdd.data import class_names, tfrecord
 
@@ -200,6 +201,21 @@ class TfdsSource(sources.Source):
 
     def _where(self, i: int) -> str:
         return f"{self.location} split {self.split!r} example {int(self._keep[i])}"
+
+    def content_digest(self) -> str:
+        """The prepared data as TFDS describes and stores it: dataset_info.json (version, split
+        shard lengths and byte counts, checksums) and each data file's name, size and mtime."""
+        return _prepared_digest(self.location)
+
+
+def _prepared_digest(data_dir: str) -> str:
+    h = hashlib.sha256()
+    info = os.path.join(data_dir, "dataset_info.json")
+    if os.path.isfile(info):
+        with open(info, "rb") as f:
+            h.update(f.read())
+    files = sorted(e.path for e in os.scandir(data_dir) if e.is_file() and not e.name.startswith("."))
+    return fingerprint.table_digest(fingerprint.file_table(files, data_dir)) + h.hexdigest()[:16]
 
 
 def _ids_and_names(label_names: list[str]) -> tuple[list[str], list[str]]:

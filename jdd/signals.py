@@ -1,0 +1,104 @@
+"""SIGTERM and SIGINT (a scheduler's preemption notice, Ctrl-C): stop at a safe point, say what was kept.
+
+The command line installs the handlers for the whole run (:func:`handled`, the one place that
+does). Code that can stop cleanly, the distillation loop and a feature-cache build, runs inside
+:func:`deferred`: there a signal is only recorded, and the code polls :func:`pending` at its safe
+points (after a step: write the checkpoint of the current step; after a batch of the cache: its rows
+are on disk), then raises :class:`Interrupted` with one line saying where it stopped. Anywhere else
+(building the context, evaluating) nothing is half-written that a later run would read, so the
+handler raises at once, with the line of the current :func:`stage`. A second signal always stops at
+once. The command line prints the line and exits with 128 + the signal number (130 for SIGINT,
+143 for SIGTERM), as a shell reports a process killed by that signal.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """The run stopped on a signal; ``str()`` is the line for the user, ``status`` the exit status.
+
+    A BaseException, like KeyboardInterrupt, so that handlers of ``Exception`` (e.g. a damaged
+    checkpoint's fallback) never take it for an error of theirs."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def status(self) -> int:
+        return 128 + int(self.signum)
+
+
+_pending: int | None = None   # a signal received and not acted on yet
+_deferring = 0                # > 0: inside a region that stops at its own safe points
+_stage = "before the first step: nothing was lost; rerun the same command"
+
+
+def name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _handler(signum, frame) -> None:
+    global _pending
+    again = _pending is not None
+    _pending = signum
+    if again or not _deferring:
+        raise Interrupted(signum, f"interrupted by {name(signum)} {_stage}")
+
+
+def pending() -> int | None:
+    """The signal received inside :func:`deferred` and not acted on yet (None: none)."""
+    return _pending
+
+
+@contextlib.contextmanager
+def handled():
+    """Installs the SIGTERM / SIGINT handlers while the block runs (only from the main thread, the
+    only one Python delivers signals to); the previous handlers come back afterwards."""
+    global _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _pending = None
+    previous = {s: signal.signal(s, _handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _pending = None
+
+
+@contextlib.contextmanager
+def deferred():
+    """Inside the block a (first) signal is only recorded: the code polls :func:`pending`."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if _pending is not None and not _deferring:  # the block ended without acting on it: stop now
+        raise Interrupted(_pending, f"interrupted by {name(_pending)} {_stage}")
+
+
+@contextlib.contextmanager
+def stage(text: str):
+    """While the block runs, a signal stops the run at once with "interrupted by SIGNAL <text>"."""
+    global _stage
+    before, _stage = _stage, text
+    try:
+        yield
+    finally:
+        _stage = before
+
+
+def stop(text: str) -> None:
+    """Raises :class:`Interrupted` for the pending signal: "interrupted by SIGNAL <text>"."""
+    signum = _pending if _pending is not None else signal.SIGTERM
+    raise Interrupted(signum, f"interrupted by {name(signum)} {text}")
