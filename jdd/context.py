@@ -70,8 +70,26 @@ def _classes_arg(classes: str):
 def load_sources(data_cfg: ml_collections.ConfigDict):
     """(train, test) sources of the config's ``data`` section."""
     kw = dict(data_dir=data_cfg.data_dir or None, classes=_classes_arg(data_cfg.classes))
-    return (data.load_source(data_cfg.name, data_cfg.train_split, **kw),
-            data.load_source(data_cfg.name, data_cfg.test_split, **kw))
+    train = data.load_source(data_cfg.name, data_cfg.train_split, **kw)
+    test = data.load_source(data_cfg.name, data_cfg.test_split, **kw)
+    check_same_classes(train, test)
+    return train, test
+
+
+def check_same_classes(train, test) -> None:
+    """Refuses splits with different classes: labels follow the class order, so a class missing from
+    one split would shift every later label, or leave a class unscored without a word."""
+    if train.class_ids == test.class_ids:
+        return
+    in_train, in_test = set(train.class_ids), set(test.class_ids)
+    missing = [f"missing in {src.split} ({src.location}): {gone[:10]}"
+               for src, gone in ((test, [c for c in train.class_ids if c not in in_test]),
+                                 (train, [c for c in test.class_ids if c not in in_train])) if gone]
+    what = "; ".join(missing) or "the same classes in another order"
+    shared = [c for c in train.class_ids if c in in_test]
+    fix = (f"add the missing class folders, or keep the {len(shared)} shared classes with "
+           f"--config.data.classes={','.join(shared[:5])}{',...' if len(shared) > 5 else ''}")
+    raise ValueError(f"the {train.split} and {test.split} splits have different classes: {what}; {fix}")
 
 
 def validate(config, train, backbone, mesh) -> None:

@@ -48,6 +48,7 @@ def _handler(signum, frame) -> None:
     again = _pending is not None
     _pending = signum
     if again or not _deferring:
+        _pending = None  # acted on
         raise Interrupted(signum, f"interrupted by {name(signum)} {_stage}")
 
 
@@ -84,7 +85,7 @@ def deferred():
     finally:
         _deferring -= 1
     if _pending is not None and not _deferring:  # the block ended without acting on it: stop now
-        raise Interrupted(_pending, f"interrupted by {name(_pending)} {_stage}")
+        stop(_stage)
 
 
 @contextlib.contextmanager
@@ -100,5 +101,6 @@ def stage(text: str):
 
 def stop(text: str) -> None:
     """Raises :class:`Interrupted` for the pending signal: "interrupted by SIGNAL <text>"."""
-    signum = _pending if _pending is not None else signal.SIGTERM
+    global _pending
+    signum, _pending = (_pending if _pending is not None else signal.SIGTERM), None
     raise Interrupted(signum, f"interrupted by {name(signum)} {text}")

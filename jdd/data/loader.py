@@ -62,8 +62,10 @@ def substitute_image(source: Source, i: int, min_side: int | None):
         img = source.open(j, min_side)
         if img is not None:
             return j, img
-    raise RuntimeError(f"every image of class {source.class_ids[int(source.labels[i])]!r} in {source} is "
-                       f"unreadable; check the files or drop the class")
+    c = int(source.labels[i])
+    raise ValueError(f"every image of class {source.class_ids[c]!r} in {source.location} ({len(members)} file(s), "
+                     f"e.g. {source._where(int(members[0]))}) is unreadable; replace the files or leave the class "
+                     f"out with --config.data.classes")
 
 
 class _Pending:

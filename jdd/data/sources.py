@@ -256,9 +256,16 @@ def _resolve_split_dir(root: str, split: str) -> tuple[str, str]:
                             f"(present: {present}). Expected {IMAGEFOLDER_LAYOUT}")
 
 
-def _list_images(class_dir: str) -> list[str]:
+def _list_images(class_dir: str, ignored: list[str]) -> list[str]:
+    """The image files of a class directory, sorted; other files, hidden files (".DS_Store", macOS's
+    "._x.jpg" resource forks) and subdirectories are appended to ``ignored``."""
+    names = []
     with os.scandir(class_dir) as it:
-        names = [e.name for e in it if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        for e in it:
+            if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS):
+                names.append(e.name)
+            else:
+                ignored.append(os.path.join(class_dir, e.name))
     return [os.path.join(class_dir, n) for n in sorted(names)]
 
 
@@ -276,15 +283,20 @@ def load_imagefolder(split: str, data_dir: str | None, classes=None) -> ImageFol
     names = _read_names_tsv(root)
     all_names = class_names.human_names(all_ids, names)  # classes.tsv, else ImageNet's table, else the id
     picked = resolve_classes(classes, all_ids, all_names)
-    files, labels = [], []
+    files, labels, ignored = [], [], []
     for new, k in enumerate(picked):
-        class_files = _list_images(os.path.join(split_dir, all_ids[k]))
+        class_files = _list_images(os.path.join(split_dir, all_ids[k]), ignored)
         if not class_files:
             raise ValueError(f"class directory {os.path.join(split_dir, all_ids[k])} has no images "
                              f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add images. "
                              f"Expected {IMAGEFOLDER_LAYOUT}")
         files += class_files
         labels += [new] * len(class_files)
+    if ignored:
+        shown = ", ".join(os.path.relpath(p, split_dir) for p in ignored[:3])
+        log.warning("%s: ignored %d non-image or hidden entr%s in the class directories (%s%s); images "
+                    "are %s files not starting with '.'", split_dir, len(ignored), "y" if len(ignored) == 1 else "ies",
+                    shown, ", ..." if len(ignored) > 3 else "", "/".join(e[1:] for e in IMAGE_EXTENSIONS))
     return ImageFolderSource(files, name="imagefolder", split=split_name, labels=np.asarray(labels, np.int32),
                              class_ids=[all_ids[k] for k in picked], class_names=[all_names[k] for k in picked],
                              location=split_dir)
