@@ -265,3 +265,23 @@ def test_paper_config_is_the_official_defaults():
     c.real.crop_res = 300  # beyond data.real_res: nothing to crop it from
     with pytest.raises(validation.ConfigError, match="real.crop_res"):
         validation.validate_config(c, check_paths=False)
+
+
+@pytest.mark.slow  # a whole (tiny) run through the engine: real batches from disk, compile, export
+def test_paper_mode_runs_end_to_end(tmp_path):
+    """The paper mode's own keys through the engine: real batches cropped at real_res (36 px) before the
+    official crop to 32 px, noise of mean 0.5, pyramid growth with Adam reset."""
+    import json
+    import os
+
+    from conftest import load_tiny_config, make_imagefolder
+    from jdd import distill
+    data = make_imagefolder(tmp_path / "data", counts={"train": 6, "val": 3}, seed=0)
+    c = load_tiny_config().get_config(f"data={data},method=lgm,source=backbone,steps=4").unlock()
+    c.augment.update(ops="flip,rrc_lgm,noise", noise_mean=0.5)
+    c.real.crop_res = c.data.real_res
+    distill.run(c.lock(), str(tmp_path / "run"))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    with np.load(os.path.join(tmp_path / "run", "distilled.npz")) as f:
+        assert f["images"].shape == (4, 32, 32, 3)
