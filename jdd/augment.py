@@ -133,7 +133,8 @@ def resized_crop(image, top, left, h, w, out_hw: tuple[int, int], *, antialias: 
     triangle kernel widens by the shrink factor, every input pixel contributes, and the gradient is
     smooth. When enlarging, both are plain bilinear. torchvision's RandomResizedCrop antialiases
     (its default since 0.17). The official LGM code crops with `grid_sample`, no antialias and a box
-    that may leave the image (zero fill): that is the `rrc_lgm` op (`grid_resized_crop`). Matmul precision is JAX's default (TF32/bf16 passes on GPU/TPU).
+    that may leave the image (zero fill): that is the `rrc_lgm` op (`grid_resized_crop`).
+    Matmul precision is JAX's default (TF32/bf16 passes on GPU/TPU).
     """
     height, width = image.shape[:2]
     rows = _axis_weights(height, out_hw[0], top, h, antialias)

@@ -357,7 +357,8 @@ def distributions_section(o, image, init_probe) -> dict:
                                       ops="flip,rrc_lgm,noise", out_res=s["crop_res"], noise_mean=0.5))
 
     def stats(batch):  # per draw: the mean, the pixel std, the left-right asymmetry, the zero-fill fraction
-        left, right = batch[:, :, : s["crop_res"] // 2].mean((1, 2, 3)), batch[:, :, s["crop_res"] // 2:].mean((1, 2, 3))
+        half = s["crop_res"] // 2
+        left, right = batch[:, :, :half].mean((1, 2, 3)), batch[:, :, half:].mean((1, 2, 3))
         return {"mean": batch.mean((1, 2, 3)), "pixel_std": batch.std((1, 2, 3)), "left_minus_right": left - right,
                 "zero_fill": (batch == 0).mean((1, 2, 3))}
     out = {}
@@ -374,9 +375,9 @@ def distributions_section(o, image, init_probe) -> dict:
     grown, _ = synsets.grow("pyramid", params, step=7 * 25 + 1, res=128, extent=25, mode="lgm",
                             key=jax.random.PRNGKey(5))
     new_ours = np.asarray(grown["levels"][-1])
-    out["new_level_per_image_std"] = {"official": [float(new_theirs.std((1, 2, 3)).mean()),
-                                                   float(new_theirs.std((1, 2, 3)).std())],
-                                      "jdd": [float(new_ours.std((1, 2, 3)).mean()), float(new_ours.std((1, 2, 3)).std())]}
+    std_theirs, std_ours = new_theirs.std((1, 2, 3)), new_ours.std((1, 2, 3))
+    out["new_level_per_image_std"] = {"official": [float(std_theirs.mean()), float(std_theirs.std())],
+                                      "jdd": [float(std_ours.mean()), float(std_ours.std())]}
     heads_theirs = np.stack([o.LinearClassifier(dim=384, num_labels=10).linear.weight.detach().numpy().std()
                              for _ in range(n)])
     keys = jax.random.split(jax.random.PRNGKey(9), n)
@@ -437,11 +438,13 @@ def main():
     result["distributions"] = distributions_section(o, real["image"][0], init_probe)
     print(json.dumps(result["distributions"], indent=1), flush=True)
     result["step"] = step_section(o, j, ClsToken(args.backbone), levels, real, head_w)
-    worst = max(v for k, v in result["step"].items() if isinstance(v, float) and k.startswith(("grad", "match", "decoded", "grown")))
+    worst = max(v for k, v in result["step"].items()
+                if isinstance(v, float) and k.startswith(("grad", "match", "decoded", "grown")))
     result["step_max_rel_diff"] = worst
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
     print(json.dumps(result["step"], indent=1))
-    print(f"worst rel diff of images, loss, gradients, grown levels {worst:.2e}; augmented batch {result['augmentation']['augmented_batch']:.2e}")
+    print(f"worst rel diff of images, loss, gradients, grown levels {worst:.2e}; "
+          f"augmented batch {result['augmentation']['augmented_batch']:.2e}")
 
 
 if __name__ == "__main__":
