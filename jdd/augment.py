@@ -9,13 +9,14 @@ Images are NHWC float in [0, 1]. No op clips its output: Gaussian noise, brightn
 leave [0, 1]. LGM does not clip either (its augmented images go straight into the mean/std
 normalisation of the encoder), and clipping would zero the gradient of every saturated pixel.
 
-LGM's augmentation ("standard" in the official code, `AugStandard`): horizontal flip (p=0.5), random
-resized crop to `crop_res` (torchvision ranges: scale 0.08-1, ratio 3/4-4/3) and Gaussian noise
-`RandomGaussianNoise(mean=0.5, std=0.2)` applied to each image with probability 0.5, in that order.
-That is read from the one copy of the code the search index holds (a fork,
-metanthropics/DDPTECMGLGM, `src/augmentation/standard_aug.py`); the non-zero mean (+0.5 added to the
-noised half of the batch) may be a fork change or an upstream quirk, so the default here is
-`noise_mean=0.0`; pass `noise_mean=0.5` for the letter of that code.
+LGM's augmentation ("standard" in the official code, `augmentation/standard_aug.py:AugStandard`):
+horizontal flip (p=0.5), random resized crop to `crop_res` (scale 0.08-1, ratio 3/4-4/3) and Gaussian
+noise `RandomGaussianNoise(mean=0.5, std=0.2)` applied to each image with probability 0.5, in that
+order, on [0, 1] images before the ImageNet normalisation. Two crops are offered: `rrc` is
+torchvision's RandomResizedCrop (integer box inside the image, antialiased resampling), `rrc_lgm` is
+the official code's own (`augmentation/ops/random_resized_crop.py`: a continuous box that may leave the
+image, read by `grid_sample` with zero fill and no antialias). The noise mean is the `noise_mean`
+option (default 0; the official code's 0.5 shifts every noised image by +0.5).
 
 DSA ops (Zhao & Bilen 2021, "Dataset Condensation with Differentiable Siamese Augmentation"), with
 their published parameters as defaults: `color` (= brightness, saturation, contrast), `crop`
@@ -131,9 +132,9 @@ def resized_crop(image, top, left, h, w, out_hw: tuple[int, int], *, antialias: 
     receives a sparse, grid-shaped gradient and can grow high-frequency artefacts. With antialias the
     triangle kernel widens by the shrink factor, every input pixel contributes, and the gradient is
     smooth. When enlarging, both are plain bilinear. torchvision's RandomResizedCrop antialiases
-    (its default since 0.17). The LGM copy we could read crops with `grid_sample` and no antialias,
-    and lets the box leave the image (zero fill) instead of rejection sampling; antialias=False gives
-    its resampling, not its box. Matmul precision is JAX's default (TF32/bf16 passes on GPU/TPU).
+    (its default since 0.17). The official LGM code crops with `grid_sample`, no antialias and a box
+    that may leave the image (zero fill): that is the `rrc_lgm` op (`grid_resized_crop`).
+    Matmul precision is JAX's default (TF32/bf16 passes on GPU/TPU).
     """
     height, width = image.shape[:2]
     rows = _axis_weights(height, out_hw[0], top, h, antialias)
@@ -155,9 +156,61 @@ def random_resized_crop(key, image, *, out_res: int | None = None, rrc_scale=(0.
     return resized_crop(image, top, left, h, w, out_hw, antialias=antialias)
 
 
+def lgm_crop_params(u, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The official LGM crop from its four uniforms u = (u_scale, u_ratio, u_x, u_y) (their
+    `torch.rand(B, 4)` row): (sw, sh, off_x, off_y), the affine map from output to input coordinates in
+    [-1, 1] units (`random_resized_crop.py:RandomResizedCrop.forward`).
+
+    Area fraction s ~ U(scale), log aspect ~ U(log ratio), sw = sqrt(s * aspect), sh = sqrt(s / aspect)
+    (either may exceed 1: the box then overhangs the image); the box's left/top edge is u_x * (1 - sw),
+    u_y * (1 - sh) in [0, 1] image units, and off is the box centre in [-1, 1] units.
+    """
+    s = scale[0] + u[0] * (scale[1] - scale[0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = jnp.exp(log_lo + u[1] * (log_hi - log_lo))
+    sw, sh = jnp.sqrt(s * aspect), jnp.sqrt(s / aspect)
+    off_x = (u[2] * (1 - sw) + sw / 2 - 0.5) * 2
+    off_y = (u[3] * (1 - sh) + sh / 2 - 0.5) * 2
+    return sw, sh, off_x, off_y
+
+
+def _grid_axis_weights(in_size: int, out_size: int, scale, offset):
+    """[out_size, in_size] weights of torch `affine_grid` + `grid_sample(bilinear, zeros,
+    align_corners=False)` along one axis of a diagonal affine map: output o reads normalised input
+    coordinate scale * ((2o + 1) / out_size - 1) + offset, i.e. pixel c = ((x + 1) * in_size - 1) / 2, by
+    the bilinear triangle around c; taps outside the image read zero (no renormalisation)."""
+    x = scale * ((2 * jnp.arange(out_size, dtype=jnp.float32) + 1) / out_size - 1) + offset
+    centre = ((x + 1) * in_size - 1) / 2
+    return jnp.maximum(0.0, 1.0 - jnp.abs(centre[:, None] - jnp.arange(in_size, dtype=jnp.float32)[None, :]))
+
+
+def grid_resized_crop(image, sw, sh, off_x, off_y, out_hw: tuple[int, int]):
+    """[H, W, C] -> [out_h, out_w, C]: the official LGM crop's resampling for one image (see
+    `lgm_crop_params`), as two matmuls. A diagonal affine grid is separable, so this equals
+    `grid_sample(image, affine_grid(theta))` with theta = [[sw, 0, off_x], [0, sh, off_y]], gradient
+    included."""
+    height, width = image.shape[:2]
+    rows = _grid_axis_weights(height, out_hw[0], sh, off_y)
+    cols = _grid_axis_weights(width, out_hw[1], sw, off_x)
+    return jnp.einsum("oh,hwc,pw->opc", rows.astype(image.dtype), image, cols.astype(image.dtype))
+
+
+@_register("rrc_lgm")
+def random_resized_crop_lgm(key, image, *, out_res: int | None = None, rrc_scale=(0.08, 1.0),
+                            rrc_ratio=(3 / 4, 4 / 3)):
+    """The official LGM code's RandomResizedCrop: four uniforms per image, a continuous box that may
+    overhang the image (zero fill), bilinear without antialias. [H, W, C] -> [out_res or H, out_res or W, C]."""
+    height, width = image.shape[:2]
+    out_hw = (out_res, out_res) if out_res else (height, width)
+    return grid_resized_crop(image, *lgm_crop_params(_uniform(key, shape=(4,)), rrc_scale, rrc_ratio), out_hw)
+
+
 @_register("noise")
 def gaussian_noise(key, image, *, noise_std: float = 0.2, noise_mean: float = 0.0, noise_p: float = 0.5):
-    """With probability `noise_p`, add N(noise_mean, noise_std^2) i.i.d. per pixel and channel. No clip."""
+    """With probability `noise_p`, add N(noise_mean, noise_std^2) i.i.d. per pixel and channel. No clip.
+
+    The official LGM code (`augmentation/ops/random_gaussian_noise.py`, used with mean=0.5, std=0.2)
+    draws the apply decision per image with p=0.5 and adds `randn * std + mean`: noise_mean=0.5 here."""
     k_apply, k_noise = jax.random.split(key)
     noise = noise_mean + noise_std * jax.random.normal(k_noise, image.shape, image.dtype)
     return image + (jax.random.uniform(k_apply) < noise_p).astype(image.dtype) * noise

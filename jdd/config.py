@@ -114,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
         accum_chunks=1,        # encode the copies in this many chunks (exact; less memory, +1 forward)
         rrc_scale=(0.08, 1.0),
         noise_std=0.2,
+        noise_mean=0.0,        # mean of the added noise; the official LGM code adds N(0.5, 0.2^2) (+0.5 shift)
         augment_real=True,     # the same augmentations on the real batch (LGM)
         res_schedule="",       # coarse-to-fine encoding, "RES:UNTIL_STEP,...": e.g. "56:300" crops the copies
                                # to 56 px before step 300, then to crop_res (one compile per resolution)
@@ -129,6 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.real = dict(
         source="backbone",     # "backbone": encode an augmented real batch every step; "cache": feature cache
         per_class=0,           # real images per class per step; 0 = ipc * copies (LGM)
+        crop_res=0,            # backbone source: the real batch's random square crop before augmentation;
+                               # 0 = data.crop_res; the official LGM code crops data.real_res
         cache_views=1,         # cache: augmented views per real image (1 = plain eval preprocessing)
         cache_dir="",          # "" = <workdir>/../feature_cache
     )
@@ -220,3 +223,32 @@ def imagenet(arg: str | None, *, classes: str, method: str) -> ml_collections.Co
     if a.runlocal:
         runlocal(c)
     return c.lock()
+
+
+def lgm_paper(config: ml_collections.ConfigDict) -> None:
+    """Sets every LGM setting to the official code's default (GeorgeCazenavette/linear-gradient-matching,
+    `config/distill_config.py:DistillCfg` and the files cited below); the dataset, backbone, ipc and any
+    per-dataset choice are the caller's.
+
+    - 5000 steps, Adam lr 2e-3 (torch's betas 0.9/0.999, eps 1e-8), 1 random head a step (std 0.01).
+    - Synthetic images: a 256 px pyramid from noise (`pyramid_start_res=1`, `init_mode="noise"`), a level
+      every 200 steps; at growth older levels are rescaled and the new one is randn / levels
+      (`synsets/pyramid.py:PyramidDataset.extend_pyramid`), and Adam is re-created
+      (`init_optimizer` there); colour decorrelation, then sigmoid(2x) (`decode_pyramid`).
+    - 10 augmented copies a step (`augs_per_batch`); `AugStandard`: flip, the official crop (`rrc_lgm`:
+      scale 0.08-1, grid_sample, zero fill) to 224 px, noise N(0.5, 0.2^2) on each image with p 0.5.
+    - Real side: ipc * copies * classes images a step, resized to 256 (shorter side), randomly cropped to
+      256 (`data/dataloaders/*`: train crop_res = res), then one `AugStandard` view each, encoded every step
+      (`distillation/linear_gm.py:LinearGM.get_real_grad`).
+    """
+    config.steps = 5000
+    config.data.real_res, config.data.crop_res = 256, 224
+    config.syn.update(res=256, param="pyramid", extent=200, grow_mode="lgm", decorrelate=True, init="noise",
+                      lr=2e-3, lr_warmup=0, lr_decay="none", adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
+                      reset_opt_on_grow=True, learn_images=True, learn_labels=False)
+    config.augment.update(ops="flip,rrc_lgm,noise", copies=10, rrc_scale=(0.08, 1.0), noise_std=0.2,
+                          noise_mean=0.5, augment_real=True)
+    config.real.update(source="backbone", per_class=0, crop_res=256)
+    set_method(config, "lgm")
+    config.method.update(head_std=0.01, num_heads=1)
+    config.backbone.update(feature="embedding", dtype="float32")

@@ -175,6 +175,7 @@ class FeatureCaches:
     aug_ops: str
     rrc_scale: tuple
     noise_std: float
+    noise_mean: float = 0.0
 
     @classmethod
     def from_config(cls, config, workdir: str) -> "FeatureCaches":
@@ -184,7 +185,8 @@ class FeatureCaches:
                    data_dir=os.path.abspath(c.data.data_dir) if c.data.data_dir else "", classes=c.data.classes,
                    dtype=c.backbone.dtype, feature=c.backbone.feature, real_res=c.data.real_res,
                    crop_res=c.data.crop_res, seed=c.seed, aug_ops=c.augment.ops,
-                   rrc_scale=tuple(c.augment.rrc_scale), noise_std=c.augment.noise_std)
+                   rrc_scale=tuple(c.augment.rrc_scale), noise_std=c.augment.noise_std,
+                   noise_mean=c.augment.noise_mean)
 
     def key(self, split: str, backbone, views: int) -> dict:
         key = dict(dataset=self.dataset, data_dir=self.data_dir, split=split, classes=self.classes,
@@ -192,6 +194,8 @@ class FeatureCaches:
                    real_res=self.real_res, crop_res=self.crop_res, views=views)
         if views > 1:
             key.update(ops=self.aug_ops, rrc_scale=list(self.rrc_scale), noise_std=self.noise_std)
+            if self.noise_mean:  # only when set: the keys of existing caches stay the same
+                key.update(noise_mean=self.noise_mean)
         return key
 
     def get(self, source, split: str, backbone, embed, *, views: int = 1, exclude_unreadable: bool = False):
@@ -204,6 +208,8 @@ class FeatureCaches:
         if views > 1:
             ops = augment.parse_ops(self.aug_ops)
             opts = dict(rrc_scale=self.rrc_scale, noise_std=self.noise_std)
+            if self.noise_mean:
+                opts["noise_mean"] = self.noise_mean
             jaug = jax.jit(lambda k, x: augment.augment(k, x, ops=ops, out_res=self.crop_res, **opts))
             aug = lambda seed, x: np.asarray(jaug(jax.random.PRNGKey(seed), x))  # noqa: E731
         encode = lambda x: np.asarray(probe.embed_images(embed, jnp.asarray(x), batch=len(x)))  # noqa: E731

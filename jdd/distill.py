@@ -81,8 +81,8 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
                                     spec.method_cfg)
     if spec.real_source == "backbone":
         batches = lambda start: data.balanced_batches(  # noqa: E731
-            ctx.train, spec.real_per_class, real_res=c.data.real_res, crop_res=c.data.crop_res, seed=c.seed,
-            train=True, start_step=start, process_index=jax.process_index(),
+            ctx.train, spec.real_per_class, real_res=c.data.real_res, crop_res=c.real.crop_res or c.data.crop_res,
+            seed=c.seed, train=True, start_step=start, process_index=jax.process_index(),
             process_count=jax.process_count(), workers=c.data.workers or None)
 
     init_images = loop.initial_images(

@@ -110,6 +110,8 @@ def make_spec(config: ml_collections.ConfigDict, num_classes: int, method: Metho
     """The step's description from a run config (the only place the step's settings are read)."""
     aug, syn = config.augment, config.syn
     opts = dict(rrc_scale=tuple(aug.rrc_scale), noise_std=aug.noise_std)
+    if aug.noise_mean:  # only when set, so every other config's compiled step is unchanged
+        opts["noise_mean"] = float(aug.noise_mean)
     per_class = config.real.per_class or syn.ipc * aug.copies
     real_source = config.real.source if method.needs_real else "none"
     return StepSpec(

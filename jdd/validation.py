@@ -144,11 +144,13 @@ RULES: tuple[Rule, ...] = (
     Rule("augment.accum_chunks", integer(1)),
     Rule("augment.rrc_scale", unit_interval_pair(), "the fraction of the image area a random crop keeps"),
     Rule("augment.noise_std", real(0.0)),
+    Rule("augment.noise_mean", real(-1.0, 1.0), "images are in [0, 1]; the official LGM code adds noise of mean 0.5"),
     Rule("augment.token_keep", real(0.0, 1.0, lo_open=True), "the fraction of patch tokens kept; 1.0 keeps all"),
     Rule("augment.token_keep_until", integer(0), "0 = drop tokens for the whole run"),
     Rule("real.source", one_of(("backbone", "cache"))),
     Rule("real.per_class", integer(0), "0 = syn.ipc * augment.copies"),
     Rule("real.cache_views", integer(1)),
+    Rule("real.crop_res", integer(0, MAX_RES), "0 = data.crop_res"),
     Rule("parallel.num_devices", integer(0), "0 = all devices"),
     Rule("parallel.shard_state_mb", real(0.0)),
     Rule("eval.mode", one_of(("full", "features"))),
@@ -262,6 +264,10 @@ def _cross(config) -> None:
     if g("data.crop_res") is not _MISSING and g("data.crop_res") > g("data.real_res"):
         raise refuse("data.crop_res", g("data.crop_res"), f"<= data.real_res = {g('data.real_res')}",
                      "the shorter side is resized to real_res, then crop_res is cropped from it")
+    real_crop = g("real.crop_res")
+    if real_crop is not _MISSING and real_crop and not g("data.crop_res") <= real_crop <= g("data.real_res"):
+        raise refuse("real.crop_res", real_crop, f"0 or in [data.crop_res = {g('data.crop_res')}, data.real_res = "
+                     f"{g('data.real_res')}]", "the real batch is cropped from the resized image, then augmented")
     if g("augment.copies") % g("augment.accum_chunks"):
         raise refuse("augment.accum_chunks", g("augment.accum_chunks"),
                      f"a divisor of augment.copies = {g('augment.copies')}", "the copies are encoded in equal chunks")
