@@ -12,6 +12,7 @@ A feature cache is keyed by these, so that a cache is never served for other pix
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -23,23 +24,38 @@ import numpy as np
 log = logging.getLogger("jdd")
 
 # Files of a checkpoint directory whose bytes decide the features (config, preprocessing, weights).
+STAT_THREADS = 16
+_STAT_CHUNK = 8192
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".npz", ".msgpack", ".json")
 _HASH_CHUNK = 1 << 22
 
 
-def file_table(paths: Sequence[str], root: str) -> dict:
-    """{"path": relative paths [N], "size": int64 [N], "mtime_ns": int64 [N]}: one ``stat`` per file.
-
-    A file that vanished since it was listed gets size -1 (its digest then differs from any real one).
-    """
-    sizes, mtimes = np.empty(len(paths), np.int64), np.empty(len(paths), np.int64)
-    for i, p in enumerate(paths):
+def _stat_chunk(paths: Sequence[str], sizes: np.ndarray, mtimes: np.ndarray, lo: int) -> None:
+    for i, p in enumerate(paths, lo):
         try:
             st = os.stat(p)
             sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
-        except OSError:
+        except OSError:  # vanished since it was listed: a size no real file has
             sizes[i], mtimes[i] = -1, -1
-    return {"path": [os.path.relpath(p, root) for p in paths], "size": sizes, "mtime_ns": mtimes}
+
+
+def file_table(paths: Sequence[str], root: str, threads: int = STAT_THREADS) -> dict:
+    """{"path": relative paths [N], "size": int64 [N], "mtime_ns": int64 [N]}: one ``stat`` per file.
+
+    Large trees are stat-ed by ``threads`` threads (``os.stat`` releases the GIL): on a network file
+    system, where one stat is a round trip, they overlap.
+    """
+    n = len(paths)
+    sizes, mtimes = np.empty(n, np.int64), np.empty(n, np.int64)
+    bounds = range(0, n, _STAT_CHUNK)
+    if threads > 1 and len(bounds) > 1:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda lo: _stat_chunk(paths[lo:lo + _STAT_CHUNK], sizes, mtimes, lo), bounds))
+    else:
+        _stat_chunk(paths, sizes, mtimes, 0)
+    prefix = os.path.join(root, "")
+    rel = [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p in paths]
+    return {"path": rel, "size": sizes, "mtime_ns": mtimes}
 
 
 def table_digest(table: dict) -> str:

@@ -218,6 +218,15 @@ def _non_finite(step: int, last_ok: int, ckpt_step: int | None) -> NonFiniteErro
         "--config.resume_allow=syn.lr (or use a new --workdir)")
 
 
+def _interrupt_requested(logging_step: bool) -> bool:
+    """Whether a signal asks the run to stop after this step; with several processes, process 0's
+    answer on logging steps (where the host syncs anyway), so that all of them stop at the same step."""
+    if jax.process_count() == 1:
+        return signals.pending() is not None
+    return logging_step and parallel.broadcast_flag(signals.pending() is not None)
+
+
+@signals.deferring  # SIGTERM / SIGINT: the checkpoint of the current step, then stop
 def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, schedule: Schedule, meta: dict,
             workdir: str, class_names: list[str], state_at: Callable[[int], dict], consts: Any = None,
             real_cache: dict | None = None, batches: Callable[[int], Iterator] | None = None,
@@ -230,23 +239,6 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
     side is ``real_cache`` (``cache_arrays``, sampled in-step), ``batches(start_step)`` (an iterator
     of this host's real batches) or neither (``spec.real_source == "none"``).
     """
-    with signals.deferred():  # SIGTERM / SIGINT: the checkpoint of the current step, then stop
-        return _distill(spec=spec, method=method, mesh=mesh, backbone_params=backbone_params, embed=embed,
-                        schedule=schedule, meta=meta, workdir=workdir, class_names=class_names, state_at=state_at,
-                        consts=consts, real_cache=real_cache, batches=batches, score=score,
-                        resume_allow=resume_allow, shard_state_mb=shard_state_mb, t_start=t_start)
-
-
-def _interrupt_requested(logging_step: bool) -> bool:
-    """Whether a signal asks the run to stop after this step; with several processes, process 0's
-    answer on logging steps (where the host syncs anyway), so that all of them stop at the same step."""
-    if jax.process_count() == 1:
-        return signals.pending() is not None
-    return logging_step and parallel.broadcast_flag(signals.pending() is not None)
-
-
-def _distill(*, spec, method, mesh, backbone_params, embed, schedule, meta, workdir, class_names, state_at,
-             consts, real_cache, batches, score, resume_allow, shard_state_mb, t_start) -> dict:
     t_start = time.time() if t_start is None else t_start
     main = parallel.is_main_process()
     bb_params = parallel.replicate(backbone_params, mesh)

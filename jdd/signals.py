@@ -13,6 +13,7 @@ once. The command line prints the line and exits with 128 + the signal number (1
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import threading
 
@@ -86,6 +87,15 @@ def deferred():
         _deferring -= 1
     if _pending is not None and not _deferring:  # the block ended without acting on it: stop now
         stop(_stage)
+
+
+def deferring(fn):
+    """``fn`` run inside :func:`deferred`."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with deferred():
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 from typing import Callable
@@ -113,6 +114,15 @@ CASES = [
          lambda p: ["--config.method.temperature=1e-30"]),
     Case("resume_allow names no key", lambda p: [_cfg(p), "--config.resume_allow=syn.lrr"],
          lambda p: ["--config.resume_allow='syn.lrr'", "no such key: syn.lrr"]),
+    Case("class folder missing in val", lambda p: [_cfg(p)],
+         lambda p: ["the train and val splits have different classes: missing in val",
+                    "['class3']", "--config.data.classes=class0,class1,class2"], data="no_val_class"),
+    Case("class folder missing in train", lambda p: [_cfg(p)],
+         lambda p: ["missing in train", "['class3']", "--config.data.classes=class0,class1,class2"],
+         data="no_train_class"),
+    Case("class with no readable image", lambda p: [_cfg(p)],
+         lambda p: ["every image of class 'class2'", "is unreadable", "--config.data.classes"],
+         data="unreadable_class"),
     Case("second run on a locked workdir", lambda p: [_cfg(p)], lambda p: [f"--workdir {p['locked']} is in use",
                                                                           f"pid {p['holder_pid']}"],
          workdir="locked", needs="lock"),
@@ -147,6 +157,12 @@ def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_inputs")
     paths = {"data": make_imagefolder(root / "images", counts={"train": 3, "val": 2}, seed=0)}
     paths["images"] = paths["data"]
+    for name, split in (("no_val_class", "val"), ("no_train_class", "train")):
+        paths[name] = make_imagefolder(root / name, counts={"train": 3, "val": 2}, seed=0)
+        shutil.rmtree(pathlib.Path(paths[name]) / split / "class3")
+    paths["unreadable_class"] = make_imagefolder(root / "unreadable", counts={"train": 3, "val": 2}, seed=0)
+    for f in (pathlib.Path(paths["unreadable_class"]) / "train" / "class2").iterdir():
+        f.write_bytes(b"not an image")
     paths["missing"] = str(root / "nowhere")
     paths["typo"] = str(root / "imagez")
     (root / "only_val" / "val" / "a").mkdir(parents=True)

@@ -125,7 +125,7 @@ def test_other_weights_in_the_same_directory_rebuild(tmp_path, caplog, monkeypat
     assert out[0].meta["full_key"]["key"]["backbone"] == str(ckpt)
     # The weights are hashed once: the index holds each file's hash by (path, size, mtime).
     index = json.loads((tmp_path / "home" / "weights-index.json").read_text())
-    assert sum(str(ckpt / "model.safetensors") in k for k in index) == 2
+    assert sum(os.path.realpath(ckpt / "model.safetensors") in k for k in index) == 2
 
 
 def test_weights_digest_reads_only_new_files(tmp_path, monkeypatch):
@@ -177,3 +177,22 @@ def test_two_processes_share_a_cache_dir(tmp_path):
     a, b = np.load(tmp_path / "out0.npy"), np.load(tmp_path / "out1.npy")
     np.testing.assert_array_equal(a, b)
     assert a.shape == (6, 1, 3) and np.abs(a).sum() > 0
+
+
+def test_tfds_fingerprint_follows_dataset_info_and_data_files(tmp_path):
+    """A prepared TFDS directory: dataset_info.json (version, shard lengths, checksums) and each data
+    file's size and mtime are in the key; another version or a rewritten shard is another key."""
+    from jdd.data import tfds_source
+    info = {"version": "1.0.0", "splits": [{"name": "validation", "shardLengths": ["4"], "numBytes": "100"}]}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    shard = tmp_path / "ds-validation.array_record-00000-of-00001"
+    shard.write_bytes(b"x" * 100)
+    (tmp_path / "jdd-index").mkdir()  # jdd's own label index: not part of the data
+    first = tfds_source._prepared_digest(str(tmp_path))
+    (tmp_path / "jdd-index" / "validation.labels.npz").write_bytes(b"index")
+    assert tfds_source._prepared_digest(str(tmp_path)) == first
+    (tmp_path / "dataset_info.json").write_text(json.dumps({**info, "version": "1.0.1"}))
+    second = tfds_source._prepared_digest(str(tmp_path))
+    assert second != first
+    shard.write_bytes(b"y" * 101)
+    assert tfds_source._prepared_digest(str(tmp_path)) not in (first, second)

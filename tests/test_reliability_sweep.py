@@ -253,34 +253,35 @@ def test_signal_mid_distillation_checkpoints_the_current_step(tmp_path, sig):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(REPO),
                JDD_JAX_CACHE=str(tmp_path / "jax"))
     env.pop("JDD_DEBUG", None)
-    steps = 400
+    steps = 120
 
-    def cmd(workdir):
+    def cmd(workdir):  # no interval checkpoint before the end: the only one is the signal's
         return [sys.executable, "-m", "jdd.main", f"--config={TINY}:data={data},steps={steps}",
-                f"--workdir={workdir}", "--config.ckpt_every=50", "--config.log_every=10"]
+                f"--workdir={workdir}", f"--config.ckpt_every={steps}", "--config.log_every=10"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     proc = subprocess.run(cmd(full), capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = subprocess.Popen(cmd(cut), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True)
+    log = open(tmp_path / "cut.log", "w+")  # a file, not a pipe: a full pipe would stall the run
+    run = subprocess.Popen(cmd(cut), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    metrics = cut / "metrics.jsonl"
     deadline = time.time() + 600
-    while time.time() < deadline and run.poll() is None and not any(s >= 50 for s in _checkpoint_steps(cut)):
+    while time.time() < deadline and run.poll() is None and not (metrics.exists() and metrics.stat().st_size):
         time.sleep(0.01)
-    time.sleep(0.05)  # between checkpoints (a tiny step takes milliseconds)
     t0 = time.time()
     run.send_signal(sig)
-    _, err = run.communicate(timeout=120)
-    assert time.time() - t0 < 30
+    run.wait(timeout=300)
+    assert time.time() - t0 < 60
+    log.seek(0)
+    err = log.read()
     assert run.returncode == 128 + sig, err[-3000:]
     last = err.strip().splitlines()[-1]
     name = signal.Signals(sig).name
     assert last.startswith(f"jdd: interrupted by {name} at step "), err[-3000:]
     step = int(last.split(" at step ")[1].split(":")[0])
     assert last == f"jdd: interrupted by {name} at step {step}: checkpoint written, resume with the same command"
-    assert 50 < step < steps and step % 50, "the signal landed on a checkpoint step; the test proves nothing"
-    assert max(_checkpoint_steps(cut)) == step
-    assert "Traceback" not in err and "Handler Commit" not in err and "rror" not in err.replace(
-        "interrupted", ""), err[-3000:]
+    assert 10 <= step < steps
+    assert _checkpoint_steps(cut) == [step]  # the step it stopped at, the last one completed
+    assert not any(s in err for s in ("Traceback", "Handler Commit", "Failed to run")), err[-3000:]
     assert not (cut / "distilled.npz").exists()
     proc = subprocess.run(cmd(cut), capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -215,7 +215,7 @@ class ImageFolderSource(Source):
 
     def __init__(self, files: list[str], **kw):
         self._files = files
-        self._table = None
+        self._table = self._digest = None
         super().__init__(**kw)
 
     def _fetch(self, i: int) -> str:
@@ -235,7 +235,9 @@ class ImageFolderSource(Source):
         return self._table
 
     def content_digest(self) -> str:
-        return fingerprint.table_digest(self.file_table())
+        if self._digest is None:
+            self._digest = fingerprint.table_digest(self.file_table())
+        return self._digest
 
 
 def _read_names_tsv(root: str) -> dict[str, str]:
