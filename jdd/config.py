@@ -142,7 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.resume_allow = ""        # config keys (comma-separated, e.g. "syn.lr") that may differ from the
                                # checkpoints' config when resuming (e.g. after a non-finite loss)
     c.budget_minutes = 0.0     # > 0: stop the optimisation at the first logging step after this much
-                               # wall time (caches and compilation count), checkpoint and export there
+                               # wall time (caches and compilation count), checkpoint and export there;
+                               # with eval.patience the run ends at the budget or a tracker plateau,
+                               # `steps` being only an upper bound (the shipped configs set a large one)
     c.log_every = 50
     c.ckpt_every = 500
     c.keep_ckpts = 3
@@ -166,6 +168,8 @@ def base_config() -> ml_collections.ConfigDict:
         keep_best=False,       # export the tracked-best set instead of the last one (needs track_every)
         patience=0,            # stop early after this many tracks without a new best (0 = never;
                                # needs track_every); the budget is not spent after the peak
+        min_delta=0.0,         # a track is a new best for patience only when it beats the best so far by
+                               # more than this many top-1 points (0: any gain); the stop reason is in stop.json
     )
     return c
 
@@ -195,6 +199,7 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
     config.eval.mode = "features"
     config.eval.baselines = False
     config.eval.track_every, config.eval.keep_best = 0, False  # tracking reads a train-split cache
+    config.eval.patience, config.eval.min_delta = 0, 0.0  # (they count tracks)
     config.budget_minutes = 0.0
     # No whole-split feature cache of the training set: real images go through the backbone.
     config.syn.init = "real"
