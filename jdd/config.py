@@ -152,7 +152,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = dict(
         enabled=True,
-        mode="full",           # "full" (LGM protocol) or "features" (fast look, no augmentation)
+        mode="full",           # "full" (LGM protocol), "features" (fast look, no augmentation) or "bank" (the
+                               # LGM protocol on bank_views augmented views per image encoded once, one drawn
+                               # per image each epoch; docs/panel.md#view-bank-protocol)
+        bank_views=16,         # bank: K
         epochs=1000,
         seeds=5,
         baselines=False,       # also evaluate random / centroid / neighbour real images and the full probe
@@ -172,6 +175,13 @@ def base_config() -> ml_collections.ConfigDict:
                                # more than this many top-1 points (0: any gain); the stop reason is in stop.json
     )
     return c
+
+
+# The tuning panel's fine-grained member (docs/panel.md): the 13 dog breeds of mini-ImageNet, for
+# ``data.classes`` (Walker hound, Ibizan hound, Saluki, golden retriever, Gordon setter, komondor, boxer,
+# Tibetan mastiff, French bulldog, malamute, dalmatian, Newfoundland, miniature poodle).
+MINIIMAGENET_DOGS = ("n02089867", "n02091244", "n02091831", "n02099601", "n02101006", "n02105505", "n02108089",
+                     "n02108551", "n02108915", "n02110063", "n02110341", "n02111277", "n02113712")
 
 
 def use_data(config: ml_collections.ConfigDict, name: str, data_dir: str = "") -> None:
