@@ -30,8 +30,8 @@ from jdd.checkpoint import Checkpointer
 
 log = logging.getLogger("jdd")
 
-# Config sections that may change between a run and its resumption: they do not change the trajectory.
 STOP_NAME = "stop.json"  # why the loop ended (stop_record)
+# Config sections that may change between a run and its resumption: they do not change the trajectory.
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_ckpts", "png_every", "budget_minutes", "eval",
                      "parallel", "resume_allow")
 
