@@ -104,3 +104,19 @@ def test_bank_keys_in_the_run_config():
     rules = {r.key: r for r in validation.RULES}
     assert rules["eval.mode"].allowed.test("bank")
     assert rules["eval.bank_views"].allowed.test(8) and not rules["eval.bank_views"].allowed.test(0)
+
+
+def test_a_run_evaluated_with_the_bank_says_so_in_its_results(tmp_path):
+    """eval.mode=bank through a run: results.json and results.md name the protocol "view bank K=2"."""
+    import json
+
+    from conftest import load_tiny_config, make_imagefolder
+    from jdd import distill
+    data = make_imagefolder(tmp_path / "data", counts={"train": 6, "val": 3}, seed=0)
+    c = load_tiny_config().get_config(f"data={data},steps=0,evaluate=true")
+    c.eval.mode, c.eval.bank_views, c.eval.epochs = "bank", 2, 4
+    distill.run(c, str(tmp_path / "run"))
+    (result,) = json.load(open(tmp_path / "run" / "results.json"))["results"].values()
+    assert result["protocol"]["mode"] == "bank" and result["protocol"]["bank_views"] == 2
+    assert result["protocol"]["name"].startswith("view bank K=2") and len(result["top1_per_seed"]) == 2
+    assert "view bank K=2" in (tmp_path / "run" / "results.md").read_text()
