@@ -169,7 +169,7 @@ def run_baselines(key, *, train_feats, train_labels, test_feats, test_labels, nu
     Names: "random" (pooled over `draws` draws, "per_draw" inside), "centroid", "neighbour" (only with
     distilled_feats [M, D] / distilled_labels, the distilled images' features with eval preprocessing),
     "full". probe_cfg.mode == "features" trains on the cached features of the selected images; "full"
-    needs embed_fn and load_images(indices int [K]) -> images [K, H, W, 3] in [0, 1] at probe resolution.
+    and "bank" need embed_fn and load_images(indices int [K]) -> images [K, H, W, 3] in [0, 1] at probe resolution.
     All image sets share one probe key (paired comparison: same inits and batch orders).
     """
     known = ("random", "centroid", "neighbour", "full")
@@ -180,8 +180,9 @@ def run_baselines(key, *, train_feats, train_labels, test_feats, test_labels, nu
         raise ValueError(f"unknown baselines {unknown}; choose from {known}")
     if "neighbour" in methods and distilled_feats is None:
         raise ValueError("the neighbour baseline needs distilled_feats and distilled_labels")
-    if probe_cfg.mode == "full" and (embed_fn is None or load_images is None) and set(methods) - {"full"}:
-        raise ValueError("probe mode 'full' needs embed_fn and load_images; or set probe_cfg.mode='features'")
+    if probe_cfg.mode != "features" and (embed_fn is None or load_images is None) and set(methods) - {"full"}:
+        raise ValueError(f"probe mode {probe_cfg.mode!r} needs embed_fn and load_images; or set "
+                         "probe_cfg.mode='features'")
     train_labels = np.asarray(train_labels)
     probe_key, full_key = jax.random.split(key)
     # One unit per probe: the random draws, the other selections, the full-data fit.

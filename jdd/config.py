@@ -145,7 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.resume_allow = ""        # config keys (comma-separated, e.g. "syn.lr") that may differ from the
                                # checkpoints' config when resuming (e.g. after a non-finite loss)
     c.budget_minutes = 0.0     # > 0: stop the optimisation at the first logging step after this much
-                               # wall time (caches and compilation count), checkpoint and export there
+                               # wall time (caches and compilation count), checkpoint and export there;
+                               # with eval.patience the run ends at the budget or a tracker plateau,
+                               # `steps` being only an upper bound (the shipped configs set a large one)
     c.log_every = 50
     c.ckpt_every = 500
     c.keep_ckpts = 3
@@ -153,7 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = dict(
         enabled=True,
-        mode="full",           # "full" (LGM protocol) or "features" (fast look, no augmentation)
+        mode="full",           # "full" (LGM protocol), "features" (fast look, no augmentation) or "bank" (the
+                               # LGM protocol on bank_views augmented views per image encoded once, one drawn
+                               # per image each epoch; docs/panel.md#view-bank-protocol)
+        bank_views=16,         # bank: K
         epochs=1000,
         seeds=5,
         baselines=False,       # also evaluate random / centroid / neighbour real images and the full probe
@@ -169,8 +174,17 @@ def base_config() -> ml_collections.ConfigDict:
         keep_best=False,       # export the tracked-best set instead of the last one (needs track_every)
         patience=0,            # stop early after this many tracks without a new best (0 = never;
                                # needs track_every); the budget is not spent after the peak
+        min_delta=0.0,         # a track is a new best for patience only when it beats the best so far by
+                               # more than this many top-1 points (0: any gain); the stop reason is in stop.json
     )
     return c
+
+
+# The tuning panel's fine-grained member (docs/panel.md): the 13 dog breeds of mini-ImageNet, for
+# ``data.classes`` (Walker hound, Ibizan hound, Saluki, golden retriever, Gordon setter, komondor, boxer,
+# Tibetan mastiff, French bulldog, malamute, dalmatian, Newfoundland, miniature poodle).
+MINIIMAGENET_DOGS = ("n02089867", "n02091244", "n02091831", "n02099601", "n02101006", "n02105505", "n02108089",
+                     "n02108551", "n02108915", "n02110063", "n02110341", "n02111277", "n02113712")
 
 
 def use_data(config: ml_collections.ConfigDict, name: str, data_dir: str = "") -> None:
@@ -198,6 +212,7 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
     config.eval.mode = "features"
     config.eval.baselines = False
     config.eval.track_every, config.eval.keep_best = 0, False  # tracking reads a train-split cache
+    config.eval.patience, config.eval.min_delta = 0, 0.0  # (they count tracks)
     config.budget_minutes = 0.0
     # No whole-split feature cache of the training set: real images go through the backbone.
     config.syn.init = "real"

@@ -54,8 +54,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mode: str = "distill
             lost = (f"during evaluation: the distilled set is saved in {workdir}, its scores were not written; "
                     f"score it with the same command and --mode=eval")
         if mode == "eval" or config.eval.enabled:
+            own = mode == "distill" or not (eval_set or eval_npz)  # the workdir's own set: say why it ended
+            stop = workdir_lib.read_json_or_none(os.path.join(workdir, loop.STOP_NAME)) if own else None
             with signals.stage(lost):
-                return evaluate(ctx, the_set)
+                return evaluate(ctx, the_set, stop=stop)
         return {}
 
 
@@ -116,9 +118,10 @@ def _eval_backbone(ctx: context.Context):
     return bb, context.embedder(bb, ctx.config.backbone.feature)
 
 
-def evaluate(ctx: context.Context, the_set: dict | None) -> dict:
+def evaluate(ctx: context.Context, the_set: dict | None, stop: dict | None = None) -> dict:
     """The protocol on ``the_set`` (None: only the baselines) and, with ``config.eval.baselines`` or
-    no set, the real-image baselines; writes results.json / results.md (process 0)."""
+    no set, the real-image baselines; writes results.json / results.md (process 0), with the run's
+    ``stop`` record (``loop.stop_record``) in the meta when given."""
     c = ctx.config
     bb, embed = _eval_backbone(ctx)
     test = ctx.caches.get(ctx.test, c.data.test_split, bb, embed, exclude_unreadable=True)
@@ -127,6 +130,8 @@ def evaluate(ctx: context.Context, the_set: dict | None) -> dict:
     meta = {"backbone": bb.name, "feature": c.backbone.feature, "dataset": c.data.name,
             "classes": ctx.train.num_classes, "crop_res": c.data.crop_res, "ipc": c.syn.ipc,
             "test_images": len(test.labels), "test_unreadable_excluded": test.num_skipped}
+    if stop:
+        meta["stopped"] = stop["message"]
     if test.num_skipped:
         log.warning("%d test images could not be read and are left out of top-1: %s", test.num_skipped,
                     list(test.skipped)[:10])

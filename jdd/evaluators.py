@@ -11,7 +11,6 @@ embedding function of a backbone (``probe.embedder``), and the probe settings of
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable
 
@@ -29,6 +28,7 @@ def probe_config(eval_cfg: ml_collections.ConfigDict, crop_res: int) -> ml_colle
     """The probe protocol (jdd.probe) with a run's ``eval`` settings; crops are fed at ``crop_res``."""
     cfg = probe.probe_config()
     cfg.mode = eval_cfg.mode
+    cfg.bank_views = eval_cfg.bank_views
     cfg.epochs = eval_cfg.epochs
     cfg.seeds = eval_cfg.seeds
     cfg.out_res = crop_res
@@ -83,16 +83,7 @@ def tracker(key, train_feats, train_labels, embed: Callable, *, num_classes: int
     return track
 
 
-@functools.partial(jax.jit, static_argnames=("batch",))
-def embed_views(augment_fn: Callable, embed: Callable, images, keys, *, batch: int) -> jax.Array:
-    """Features [V * M, D] of V augmented views of images [M, H, W, 3], view-major (view v of image i
-    is row v * M + i, augmented with keys[v * M + i]), ``batch`` views per backbone call."""
-    idx = jnp.arange(keys.shape[0]) % images.shape[0]
-
-    def one(args):
-        k, i = args
-        return embed(augment_fn(k, images[i])[None])[0]
-    return jax.lax.map(one, (keys, idx), batch_size=batch)
+embed_views = probe.embed_views  # V augmented views of each image, view-major (the augmented tracker's)
 
 
 def evaluate_set(key, distilled: dict, embed: Callable, test_feats, test_labels, *, num_classes: int,

@@ -31,6 +31,7 @@ from jdd.checkpoint import Checkpointer
 
 log = logging.getLogger("jdd")
 
+STOP_NAME = "stop.json"  # why the loop ended (stop_record)
 # Config sections that may change between a run and its resumption: they do not change the trajectory.
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_ckpts", "png_every", "budget_minutes", "eval",
                      "parallel", "resume_allow")
@@ -50,13 +51,14 @@ class Schedule:
     patience: int
     lr_decay: str = "none"
     lr_final: float = 0.0
+    min_delta: float = 0.0
 
     @classmethod
     def from_config(cls, c) -> "Schedule":
         return cls(steps=c.steps, log_every=c.log_every, ckpt_every=c.ckpt_every, keep_ckpts=c.keep_ckpts,
                    png_every=c.png_every, budget_minutes=c.budget_minutes, track_every=c.eval.track_every,
                    keep_best=c.eval.keep_best, patience=c.eval.patience, lr_decay=c.syn.lr_decay,
-                   lr_final=c.syn.lr_final)
+                   lr_final=c.syn.lr_final, min_delta=c.eval.min_delta)
 
 
 def lr_scale(decay: str, progress: float, final: float = 0.0) -> float:
@@ -86,6 +88,45 @@ class RunProgress:
 
     def __call__(self, step: int) -> float:
         return max(step / self.steps, self.clock)
+
+
+@dataclasses.dataclass
+class Plateau:
+    """The early stop's counter: tracks since the last one that beat the best tracked top-1 before it
+    by more than ``min_delta`` points (so a tracker creeping up by less counts as flat).
+
+    Rebuilt on resume from the ``track_top1`` rows of metrics.jsonl (:meth:`replay`), so a resumed run
+    stops where the uninterrupted one would, with or without keep_best."""
+    min_delta: float = 0.0
+    best: float = -math.inf
+    best_step: int | None = None
+    stale: int = 0
+
+    def update(self, step: int, top1: float) -> None:
+        if top1 > self.best + self.min_delta:
+            self.best, self.best_step, self.stale = top1, step, 0
+        else:
+            self.stale += 1
+
+    @classmethod
+    def replay(cls, workdir: str, upto: int, min_delta: float) -> "Plateau":
+        out = cls(min_delta)
+        for row in workdir_lib.read_metrics(workdir):
+            if "track_top1" in row and row["step"] <= upto:
+                out.update(row["step"], row["track_top1"])
+        return out
+
+
+def stop_record(reason: str, step: int, schedule: Schedule, minutes: float, plateau: Plateau) -> dict:
+    """Why the loop ended (written to <workdir>/stop.json and results.json's meta): "budget",
+    "plateau" or "steps" (the step cap), with a line for the log."""
+    of = f" of {schedule.budget_minutes:g}" if schedule.budget_minutes > 0 else ""
+    what = {"budget": f"time budget of {schedule.budget_minutes:g} min",
+            "plateau": f"tracker plateau (no gain > {schedule.min_delta:g} in {plateau.stale} tracks since "
+                       f"step {plateau.best_step}, best {plateau.best:.2f}%)",
+            "steps": f"step cap of {schedule.steps}"}[reason]
+    return {"reason": reason, "step": step, "minutes": round(minutes, 2), "budget_minutes": schedule.budget_minutes,
+            "steps_cap": schedule.steps, "message": f"stopped: {what} at step {step}, {minutes:.1f}{of} min"}
 
 
 # ----------------------------------------------------------------------------------------- state
@@ -275,25 +316,29 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
     writer = export.MetricWriter(workdir, enabled=main, start_step=start)
     bar = tqdm(total=schedule.steps, initial=start, desc="distil", disable=not main, dynamic_ncols=True)
     best = _BestSet(workdir, class_names, enabled=schedule.keep_best)
-    # Tracks since the best one (tracks fall on multiples of track_every, so a resume recovers it).
-    stale = (start - best.step) // schedule.track_every if score and best.step is not None else 0
+    plateau = Plateau.replay(workdir, start, schedule.min_delta)
     last = float("nan")  # the last tracked top-1
+    plateaued = lambda: bool(score and schedule.patience and plateau.stale >= schedule.patience)  # noqa: E731
+    minutes = lambda: (time.time() - t_start) / 60.0  # noqa: E731
 
     def track(done: int, state) -> float:
-        nonlocal stale, last
+        nonlocal last
         the_set = decode_set(spec, state)
         last = float(score(the_set["images"], the_set["labels"] if the_set["soft_labels"] is None
                            else the_set["soft_labels"]))
         writer.write(done, {"track_top1": last})
-        stale = 0 if best.offer(done, last, the_set) else stale + 1
+        best.offer(done, last, the_set)
+        plateau.update(done, last)
         return last
 
     if score and start == 0:
         track(0, state)
     t0, post, stop = time.time(), {}, None
+    if plateaued():  # resumed after a plateau stop: the decision stands
+        stop = stop_record("plateau", start, schedule, minutes(), plateau)
     progress = RunProgress(schedule, t_start)
     ok, last_ok = jnp.array(True), start  # all steps since last_ok finite (on device)
-    for t in range(start, schedule.steps):
+    for t in range(start, schedule.steps if stop is None else start):
         grown = step_lib.grow(state, spec, t)
         if grown is not state:
             state = parallel.place(grown, shardings(grown))
@@ -322,15 +367,13 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
         if score and (done % schedule.track_every == 0 or done == schedule.steps):
             post["train_probe"] = f"{track(done, state):.1f}%"
             bar.set_postfix(post)
-            if schedule.patience and stale >= schedule.patience:
-                stop = (f"no better train-split probe in {stale} tracks since step {best.step}; stopping "
-                        f"early at step {done}")
+            if plateaued():
+                stop = stop_record("plateau", done, schedule, minutes(), plateau)
         # Checked on logging steps only (where the host syncs anyway), so that several processes
         # agree on process 0's clock without a collective every step.
         if (schedule.budget_minutes > 0 and logging_step
                 and parallel.broadcast_flag(time.time() - t_start > 60 * schedule.budget_minutes)):
-            stop = (f"budget of {schedule.budget_minutes:.1f} min reached after step {done} of {schedule.steps}; "
-                    "exporting this state (a rerun with a larger budget resumes from here)")
+            stop = stop_record("budget", done, schedule, minutes(), plateau)
         interrupted = _interrupt_requested(logging_step)
         force = done == schedule.steps or stop is not None or interrupted
         if force or ckpt.should_save(done):
@@ -349,11 +392,15 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
             writer.close()
             signals.stop(f"at step {done}: checkpoint written, resume with the same command")
         if stop:
-            log.warning(stop)
             if score and done % schedule.track_every:
                 track(done, state)
             break
     bar.close()
+    stop = stop or stop_record("steps", max(start, schedule.steps), schedule, minutes(), plateau)
+    log.log(logging.INFO if stop["reason"] == "steps" else logging.WARNING, "%s%s", stop["message"],
+            "; a rerun with a larger budget resumes from here" if stop["reason"] == "budget" else "")
+    if main:
+        workdir_lib.atomic_write_json(os.path.join(workdir, STOP_NAME), stop)
     ckpt.close()
     writer.close()
     out = decode_set(spec, state)

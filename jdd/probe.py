@@ -55,14 +55,18 @@ from jdd.methods import linear
 
 PROTOCOL_FULL = "LGM linear probe (augmented views through the frozen backbone)"
 PROTOCOL_FEATURES = "features-only (fast)"
-MODES = ("full", "features")
+PROTOCOL_BANK = "view bank K={k}: LGM linear probe, each epoch one of K augmented views per image encoded once"
+MODES = ("full", "features", "bank")
+BANK_TAG = 0x62616E6B  # folded into the protocol key for the view bank's keys (disjoint from seed ids)
 PROGRESS = progress_lib.MODES  # "" (silent), "bar" (tqdm) or "log" (INFO lines on the "jdd" logger)
 
 
 def probe_config() -> ml_collections.ConfigDict:
     """Default (LGM) probe settings, locked: unknown keys are an error."""
     c = ml_collections.ConfigDict()
-    c.mode = "full"              # "full": augmented views each epoch; "features": one fixed feature per image
+    c.mode = "full"              # "full": augmented views each epoch; "features": one fixed feature per image;
+                                 # "bank": K augmented views per image encoded once, one drawn per epoch
+    c.bank_views = 16            # bank: K
     c.epochs = 1000
     c.seeds = 5
     c.lr_base = 1e-3             # lr = lr_base * batch / lr_batch_ref (linear scaling rule)
@@ -336,6 +340,33 @@ def augment_embed(augment_fn, embed_fn, images, keys, idx):
     return embed_fn(x)
 
 
+@functools.partial(jax.jit, static_argnames=("batch",))
+def embed_views(augment_fn: Callable, embed_fn: Callable, images, keys, *, batch: int) -> jax.Array:
+    """Features [V * M, D] of V augmented views of images [M, H, W, 3], view-major (view v of image i
+    is row v * M + i, augmented with keys[v * M + i]), ``batch`` views per backbone call."""
+    idx = jnp.arange(keys.shape[0]) % images.shape[0]
+
+    def one(args):
+        k, i = args
+        return embed_fn(augment_fn(k, images[i])[None])[0].astype(jnp.float32)
+    return jax.lax.map(one, (keys, idx), batch_size=batch)
+
+
+def view_bank(key, augment_fn, embed_fn, images, views: int, *, batch: int) -> jax.Array:
+    """The bank mode's features [K, N, D]: K augmented views of each image, encoded once (view k of
+    image i augmented with split(key, K * N)[k * N + i])."""
+    n = images.shape[0]
+    keys = jax.random.split(key, views * n)
+    return embed_views(augment_fn, embed_fn, images, keys, batch=batch).reshape(views, n, -1)
+
+
+def bank_draw(bank, keys, idx):
+    """Features [M, D] of images ``idx`` [M]: for each, the bank view [K, N, D] its view key draws
+    (uniform over K): the bank's stand-in for augmenting and encoding a fresh view."""
+    k = jax.vmap(lambda key: jax.random.randint(key, (), 0, bank.shape[0]))(keys)
+    return bank[k, idx]
+
+
 def _augment_one(key, image, *, ops, out_res, rrc_scale, rrc_ratio):
     from jdd import augment  # imported lazily: probe.py only needs it for the full protocol
     return augment.augment(key, image[None], ops=ops, out_res=out_res, rrc_scale=rrc_scale,
@@ -381,9 +412,10 @@ def embedder(apply_fn, params, feature: str = "embedding"):
 def protocol(cfg, hp: Hyper, labels, *, mode: str, augment: bool) -> dict:
     """The settings a result was obtained with, for results files."""
     ops = [op for op, on in (("flip", cfg.flip), ("rrc", cfg.rrc)) if on] if augment else []
+    names = {"full": PROTOCOL_FULL, "features": PROTOCOL_FEATURES, "bank": PROTOCOL_BANK.format(k=cfg.bank_views)}
     return {
-        "name": PROTOCOL_FULL if mode == "full" else PROTOCOL_FEATURES,
-        "mode": mode, "epochs": hp.epochs, "seeds": cfg.seeds, "batch": hp.batch,
+        "name": names[mode], "mode": mode, **({"bank_views": cfg.bank_views} if mode == "bank" else {}),
+        "epochs": hp.epochs, "seeds": cfg.seeds, "batch": hp.batch,
         "steps_per_epoch": hp.steps, "lr": hp.lr0,
         "lr_rule": f"{cfg.lr_base} * batch / {cfg.lr_batch_ref}, cosine to 0 stepped per epoch",
         "optimizer": f"Adam({hp.b1}, {hp.b2}, eps={hp.eps}), no weight decay",
@@ -391,7 +423,7 @@ def protocol(cfg, hp: Hyper, labels, *, mode: str, augment: bool) -> dict:
         "augment": ops, "rrc_scale": list(cfg.rrc_scale) if "rrc" in ops else None,
         "rrc_ratio": list(cfg.rrc_ratio) if "rrc" in ops else None, "out_res": cfg.out_res,
         "labels": "soft" if np.ndim(labels) == 2 else "hard",
-        "chunk_epochs": hp.chunk_epochs if mode == "full" else None,
+        "chunk_epochs": hp.chunk_epochs if mode != "features" else None,
         "std": "population std (ddof=0) over seeds", "metric": "top-1 (%) on the whole test split, last epoch",
     }
 
@@ -448,7 +480,9 @@ def evaluate(key, images, labels, embed_fn: Callable, test_feats, test_labels, *
     images [N, H, W, 3] in [0, 1]; labels int [N] or probabilities [N, C]; embed_fn: images [B, H', W', 3]
     -> [B, D] (frozen backbone, preferably `embedder(...)`); test_feats [M, D] from the same backbone with
     eval preprocessing; test_labels int [M]. augment_fn `(key, image) -> image` defaults to
-    `default_augment_fn(cfg)`. cfg.mode == "features" embeds each image once and trains on those features.
+    `default_augment_fn(cfg)`. cfg.mode == "features" embeds each image once and trains on those features;
+    "bank" embeds cfg.bank_views augmented views of each image once and trains as "full" does, each
+    epoch drawing one of them per image (the bank's key is ``fold_in(key, BANK_TAG)``).
     desc labels the progress reports (cfg.progress: "" silent, "bar", "log").
     """
     if cfg.mode not in MODES:
@@ -473,9 +507,16 @@ def evaluate(key, images, labels, embed_fn: Callable, test_feats, test_labels, *
     t0 = time.perf_counter()
     augment_fn = default_augment_fn(cfg) if augment_fn is None else augment_fn
     augment_fn = augment_fn if isinstance(augment_fn, Partial) else Partial(augment_fn)
-    source = Partial(augment_embed, augment_fn, embed_fn, images)
+    if cfg.mode == "bank":
+        if cfg.bank_views < 1:
+            raise ValueError(f"bank_views must be >= 1, got {cfg.bank_views}")
+        bank = view_bank(jax.random.fold_in(key, BANK_TAG), augment_fn, embed_fn, images, cfg.bank_views,
+                         batch=cfg.embed_batch)
+        source = Partial(bank_draw, bank)
+    else:
+        source = Partial(augment_embed, augment_fn, embed_fn, images)
     params = train_linear(key, source, labels, num_classes=num_classes, cfg=cfg, desc=desc)
     top1 = accuracy(params, jnp.asarray(test_feats), jnp.asarray(test_labels), batch=cfg.eval_batch)
     hp = make_hyper(cfg, images.shape[0], out.shape[1], cfg.seeds, full=True)
-    return result_record(top1, protocol(cfg, hp, labels, mode="full", augment=True), t0, meta)
+    return result_record(top1, protocol(cfg, hp, labels, mode=cfg.mode, augment=True), t0, meta)
 

@@ -153,7 +153,8 @@ RULES: tuple[Rule, ...] = (
     Rule("real.crop_res", integer(0, MAX_RES), "0 = data.crop_res"),
     Rule("parallel.num_devices", integer(0), "0 = all devices"),
     Rule("parallel.shard_state_mb", real(0.0)),
-    Rule("eval.mode", one_of(("full", "features"))),
+    Rule("eval.mode", one_of(("full", "features", "bank"))),
+    Rule("eval.bank_views", integer(1), "bank: augmented views per image encoded once"),
     Rule("eval.epochs", integer(1)),
     Rule("eval.seeds", integer(1)),
     Rule("eval.test_batch", integer(1)),
@@ -161,6 +162,7 @@ RULES: tuple[Rule, ...] = (
     Rule("eval.track_seeds", integer(1)),
     Rule("eval.track_views", integer(0), "0 = the plain features"),
     Rule("eval.patience", integer(0), "0 = never stop early"),
+    Rule("eval.min_delta", real(0.0), "top-1 points; 0 = any gain is a new best"),
     Rule("eval.progress", one_of(("bar", "log", "")), "'' = silent"),
 )
 
@@ -278,6 +280,9 @@ def _cross(config) -> None:
     if patience is not _MISSING and patience and not g("eval.track_every"):
         raise ConfigError(f"--config.eval.patience={patience} needs --config.eval.track_every > 0: it counts "
                           "tracks without a new best")
+    if g("eval.min_delta") not in (_MISSING, 0, 0.0) and not patience:
+        raise ConfigError(f"--config.eval.min_delta={g('eval.min_delta')} needs --config.eval.patience > 0: it "
+                          "is the gain a track needs to reset the patience")
     if g("syn.learn_images") is False and g("syn.learn_labels") is False:
         raise ConfigError("--config.syn.learn_images=False leaves nothing to learn: set --config.syn.learn_labels="
                           "True (the label-only baseline) or learn the images")

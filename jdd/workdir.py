@@ -358,6 +358,25 @@ def read_json_or_none(path: str) -> Any | None:
 # ------------------------------------------------------------------------------------------------
 # Metrics across resumes
 # ------------------------------------------------------------------------------------------------
+def read_metrics(workdir: str, name: str = METRICS_NAME) -> list[dict]:
+    """The rows of ``<workdir>/metrics.jsonl`` in file order ([] without the file); a row cut off by a
+    kill (not valid JSON) is skipped."""
+    try:
+        with open(os.path.join(workdir, name)) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in filter(str.strip, lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def truncate_metrics(workdir: str, step: int, name: str = METRICS_NAME) -> int:
     """Drops the rows of ``<workdir>/metrics.jsonl`` with ``step`` > ``step``; returns how many.
 
