@@ -7,7 +7,7 @@ ImageNet-100 (1 image per class = 100 synthetic images, as in the papers' ImageN
 ``data``: an ImageFolder root with train/ and val/ (e.g. ../shared/data/miniimagenet); ``backbone``: a
 local Hugging Face checkpoint dir or hub name. Real features come from a feature cache.
 
-Resolution: 84 px, the images' native size (6 x 6 patches of 14 px), chosen by `launch/res_choice.py`
+Resolution: 84 px, the images' native size (6 x 6 patches of 14 px), chosen by `launch/studies/res_choice.py`
 on the train split only (stratified 80% fit / 20% held out; never the val split; top-1 % on the
 held-out 2,000; probe features mode, 5 seeds; shared 2-core CPU, so times are relative):
 
