@@ -30,7 +30,7 @@ def method_config(method: str, args):
     with c.unlocked():
         jc.set_method(c, method)
     c.steps = args.steps
-    c.augment.copies = args.copies  # not the CLP config's 1: the README table was measured with 2
+    c.augment.copies = args.copies  # not the CLP config's 1: the docs/results.md table was measured with 2
     c.budget_minutes = 0.0        # the same number of steps for every method
     c.log_every = max(1, args.steps // 10)
     c.ckpt_every = args.steps

@@ -100,7 +100,7 @@ class Settings:
 FULL = Settings(
     tiny=False, models=(("ViT-S/14", "S/14"), ("ViT-B/14", "B/14")), step_model="B/14", px=224, syn_px=256,
     dtypes=("float32", "bfloat16"), ladder=(128, 256, 512),
-    # Memory plan, ViT-B/14 float32: ~350 MiB of activations per augmented copy (README, measured on CPU),
+    # Memory plan, ViT-B/14 float32: ~350 MiB of activations per augmented copy (docs/scaling.md, measured on CPU),
     # ~35 MiB with remat (our estimate: 12 saved block inputs of 257 x 768 floats + one block's working
     # set). ImageNet-100's 1,000 copies in one pass with remat (~35 GiB); ImageNet-1K's 10,000 in 10
     # chunks of 1,000 with remat. Either way about 2 forwards + 1 backward per copy.

@@ -1,6 +1,6 @@
 """Per-device memory of one distillation step (LGM, CLP): a model from the architecture, checked by XLA.
 
-    python launch/memory.py table                    # ImageNet-1K, ViT-B/14 at 224 px: the README table
+    python launch/memory.py table                    # ImageNet-1K, ViT-B/14 at 224 px: the docs/scaling.md table
     python launch/memory.py table --ipc 10 --devices 64,256 --dtype bfloat16
     python launch/memory.py measure [--depth 12]      # compile jdd's real step on CPU, fit, compare
 
@@ -169,7 +169,7 @@ def chunks_for_budget(budget_bytes: float, arch: Arch, **kw) -> int | None:
 
 def table(arch: Arch, *, num_classes: int, ipcs, copies_list, devices_list, dtype: str, cache_rows: int,
           budgets_gib=(16, 80)) -> list[dict]:
-    """The README table: per-device GiB at k = 1 (state split over devices) and the k each budget needs."""
+    """The docs/scaling.md table: per-device GiB at k = 1 (state split over devices) and the k each budget needs."""
     act = 2 if dtype == "bfloat16" else 4
     rows = []
     for method in ("lgm", "clp"):

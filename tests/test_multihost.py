@@ -299,7 +299,7 @@ def test_incomplete_coordinator_settings_are_refused(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# Per-device memory (launch/memory.py, README "Beyond one host"): the activation term of the model
+# Per-device memory (launch/memory.py, docs/scaling.md): the activation term of the model
 # is a count of what JAX's backprop keeps per image through the frozen ViT.
 # ------------------------------------------------------------------------------------------------
 def _memory_module():
