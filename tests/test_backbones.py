@@ -288,6 +288,7 @@ def test_chunked_attention_matches_one_piece(monkeypatch, budget_samples):
     assert vit.largest_divisor_at_most(batch, budget_samples) == {1: 1, 4: 3}[budget_samples]
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradient_with_less_memory():
     """ViT(remat=True): identical features and input gradient, smaller temporaries in the backward."""
     # 64 tokens x 64 images x 8 blocks: stored activations dominate the backward's temporaries (at

@@ -101,6 +101,7 @@ def _toy(rng, n_per, sep):
     return (means[y] + rng.normal(size=(len(y), d))).astype(np.float32), y
 
 
+@pytest.mark.slow
 def test_full_dataset_probe_separable_and_reported():
     rng = np.random.default_rng(2)
     xtr, ytr = _toy(rng, 40, 8.0)

@@ -14,7 +14,8 @@ def _built(method, source, **kw):
                                   mesh=parallel.make_mesh(1), **kw)
 
 
-@pytest.mark.parametrize("method,source", [("clp", "cache"), ("lgm", "backbone"), ("sfm", "none")])
+@pytest.mark.parametrize("method,source", [("clp", "cache"), pytest.param("lgm", "backbone", marks=pytest.mark.slow),
+                                           pytest.param("sfm", "none", marks=pytest.mark.slow)])
 def test_built_step_runs_on_inputs_of_the_runs_shapes(method, source):
     c, bb, built = _built(method, source, full_pyramid=True, cache_rows=12)
     state, consts, _, real = built.args
@@ -31,6 +32,7 @@ def test_built_step_runs_on_inputs_of_the_runs_shapes(method, source):
     assert np.isfinite(float(metrics["loss"])) and int(new["step"]) == start + 1
 
 
+@pytest.mark.slow
 def test_abstract_build_compiles_to_the_same_memory_as_the_concrete_one():
     _, _, concrete = _built("clp", "cache", donate=False)
     _, _, abstract = _built("clp", "cache", donate=False, abstract=True)
