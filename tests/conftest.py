@@ -28,17 +28,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def pytest_configure(config):
-    # The fast tier (-m "not slow") is compile-bound: many tiny programs, each compiled once. Without
-    # XLA's optimisation passes it ran in 0.77x the time (test_probe.py + one engine run, cold cache,
-    # 417 vs 540 s on a loaded 2-core CPU), every tolerance unchanged. The full suite keeps them: its
-    # long runs execute what they compile.
-    if "not slow" in (config.getoption("markexpr", "") or ""):
-        jax.config.update("jax_disable_most_optimizations", True)
-
-
 # .ci/run runs with CI=true: there, a test tool that the CI script installs (timm, torch) being
 # missing is a failure, not a skip, so a broken install step cannot pass as a green run.
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
