@@ -84,6 +84,7 @@ def _hf_config(family: str, variant: str) -> dict:
     return dict(model_type="siglip", vision_config=dict(sizes, intermediate_size=cfg.mlp_dim))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", HF_FAMILY_NAMES)
 def test_variant_table_matches_transformers(family):
     """Each named variant has the architecture (config and parameter count) of its HF model."""

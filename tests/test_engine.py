@@ -238,6 +238,7 @@ def test_tracking_keeps_the_best_set_on_the_train_split(tiny_data, tmp_path):
     assert track(images, labels) == pytest.approx(best["top1"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_augmented_tracker_trains_on_fixed_protocol_views():
     """eval.track_views = V: the tracking probe trains on V protocol-augmented views of each image
     (view-major, the same keys at every track) for epochs / V passes; V = 0 is the plain tracker."""

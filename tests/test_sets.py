@@ -111,6 +111,7 @@ def test_hf_datasets_imagefolder_reads_the_export(tmp_path, the_set):
     assert sorted(ds["label"]) == sorted(the_set["labels"].tolist())
 
 
+@pytest.mark.slow
 def test_round_trip_gives_the_same_probe_result(tmp_path, the_set):
     """The protocol (features mode) on a tiny random ViT: the PNG round trip moves features by about the
     quantisation and the probe's top-1 by at most one test image."""
