@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jdd import data, export, parallel, selection, sets, signals, step as step_lib, synsets
+from jdd import data, export, methods, parallel, selection, sets, signals, step as step_lib, synsets
 from jdd import workdir as workdir_lib
 from jdd.checkpoint import Checkpointer
 
@@ -245,6 +245,102 @@ def jitted_step(spec: step_lib.StepSpec, method, mesh, embed, *, shard_state_mb:
         shardings = parallel.state_shardings(new, mesh, rows=spec.num_images, min_bytes=min_bytes)
         return jax.lax.with_sharding_constraint(new, shardings), metrics
     return jax.jit(placed_step, donate_argnums=0 if donate else ())
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltStep:
+    """A run's compiled step and inputs of the run's shapes: ``fn(*args) -> (state, metrics)``.
+
+    ``args`` is ``(state, consts, backbone params, real)``, placed as the loop places them (or, with
+    ``abstract=True``, ``jax.ShapeDtypeStruct``s carrying those shardings, for ``fn.lower(*args)``).
+    """
+    fn: Callable
+    args: tuple
+    spec: step_lib.StepSpec
+    method: Any
+
+    def memory_bytes(self) -> int:
+        """XLA's memory analysis of the compiled step (one more compile, no run): arguments + outputs
+        that do not reuse a donated argument + scratch, the device memory the step needs."""
+        m = self.fn.lower(*self.args).compile().memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+def stand_in_real(spec: step_lib.StepSpec, feat_dim: int, *, cache_rows: int, image_res: int,
+                  seed: int = 0) -> dict:
+    """Random real inputs with the shapes a run feeds its step, made on the device (no data read): a
+    feature cache of ``cache_rows`` rows in the ``cache_arrays`` layout (``real.source=cache``), a
+    balanced batch of ``real_per_class`` images per class (``backbone``), or {} (``none``). Timings
+    and memory do not depend on the values."""
+    key, c = jax.random.PRNGKey(seed), spec.num_classes
+    if spec.real_source == "cache":
+        counts = np.bincount(np.arange(cache_rows) % c, minlength=c).astype(np.int32)
+        return {"feats": jax.random.normal(key, (cache_rows, 1, feat_dim)), "counts": counts,
+                "offsets": np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)}
+    if spec.real_source == "backbone":
+        n = spec.real_per_class * c
+        return {"image": jax.random.uniform(key, (n, image_res, image_res, 3)),
+                "label": np.repeat(np.arange(c, dtype=np.int32), spec.real_per_class)}
+    return {}
+
+
+def build_step(config, num_classes: int, embed, backbone_params, *, mesh=None, full_pyramid: bool = False,
+               cache_rows: int | None = None, real_image_res: int | None = None, seed: int = 0,
+               donate: bool = True, abstract: bool = False) -> BuiltStep:
+    """The compiled step of a run of ``config`` with ``num_classes`` classes, as ``jdd.distill`` and
+    ``distill`` below build it (spec -> method -> state placed on the mesh -> ``jitted_step``), for
+    benchmarks, memory measurements and device checks.
+
+    ``embed`` is the run's ``probe.embedder`` of the backbone (``context.embedder``); the state starts
+    from noise, at step 0 or, with ``full_pyramid``, at a step by which every pyramid level exists
+    (the steady-state cost). Real inputs are ``stand_in_real``'s: ``cache_rows`` rows of cached features
+    (default 100 per class), or a batch of images of ``real_image_res`` (default ``data.crop_res``, what
+    the run's data pipeline delivers); a method with ``prepare`` gets its constants from the cache rows.
+    """
+    mesh = mesh if mesh is not None else parallel.make_mesh(config.parallel.num_devices or None)
+    method = methods.get(config.method_name)
+    spec = step_lib.make_spec(config, num_classes, method)
+    res = config.data.crop_res
+    probe_images = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
+    feat_dim = int(jax.eval_shape(embed.func, backbone_params, probe_images).shape[-1])  # params may be abstract
+    at = (len(synsets.level_resolutions(spec.syn_res)) * spec.extent + 1
+          if full_pyramid and spec.syn_param == "pyramid" else 0)
+    rows = cache_rows or 100 * num_classes
+    cache_spec = dataclasses.replace(spec, real_source="cache")
+    cache = stand_in_real(cache_spec, feat_dim, cache_rows=rows, image_res=res, seed=seed)
+    real = cache if spec.real_source == "cache" else stand_in_real(
+        spec, feat_dim, cache_rows=rows, image_res=real_image_res or res, seed=seed)
+
+    key = jax.random.PRNGKey(seed)
+    consts = {}
+    if method.prepare is not None:  # concrete even when abstract: some prepare functions check values
+        labels = np.repeat(np.arange(num_classes), cache["counts"])
+        consts = method.prepare(jax.random.fold_in(key, 1 << 20), cache["feats"][:, 0], labels, num_classes,
+                                spec.method_cfg)
+    state_fn = lambda: dict(step_lib.state_at(key, spec, at, method=method, feat_dim=feat_dim,  # noqa: E731
+                                              init_images=None), step=jnp.asarray(at, jnp.int32))
+
+    min_bytes = int(config.parallel.shard_state_mb * 2**20)
+    rep = parallel.replicated(mesh)
+    if abstract:
+        state, consts, real = jax.eval_shape(state_fn), jax.eval_shape(lambda: consts), jax.eval_shape(lambda: real)
+        shard = parallel.state_shardings(state, mesh, rows=spec.num_images, min_bytes=min_bytes)
+        to_abstract = lambda tree, sh: jax.tree.map(  # noqa: E731
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+        same = lambda tree, s: jax.tree.map(lambda _: s, tree)  # noqa: E731
+        real_sh = (same(real, parallel.batch_sharded(mesh)) if spec.real_source == "backbone" else same(real, rep))
+        args = (to_abstract(state, shard), to_abstract(consts, same(consts, rep)),
+                to_abstract(backbone_params, same(backbone_params, rep)), to_abstract(real, real_sh))
+    else:
+        state = state_fn()
+        state = parallel.place(state, parallel.state_shardings(state, mesh, rows=spec.num_images,
+                                                               min_bytes=min_bytes))
+        # One process: the whole batch is this host's (a multi-host run assembles it with global_batch).
+        placed_real = (jax.device_put(real, parallel.batch_sharded(mesh)) if spec.real_source == "backbone"
+                       else parallel.replicate(real, mesh))
+        args = (state, parallel.replicate(consts, mesh), parallel.replicate(backbone_params, mesh), placed_real)
+    fn = jitted_step(spec, method, mesh, embed, shard_state_mb=config.parallel.shard_state_mb, donate=donate)
+    return BuiltStep(fn=fn, args=args, spec=spec, method=method)
 
 
 class NonFiniteError(FloatingPointError):

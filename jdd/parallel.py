@@ -18,7 +18,9 @@ Work whose result lands on shared storage (a feature cache) runs on process 0 fi
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import logging
 import os
 from typing import Any, Callable
 
@@ -28,6 +30,28 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXIS = "data"
+
+
+class _NoTpuProbeLine(logging.Filter):
+    """Drops the one INFO line JAX logs on every machine without libtpu while it probes for a TPU
+    ("Unable to initialize backend 'tpu': ... Failed to open libtpu.so ..."): noise to a CPU or GPU
+    user. Every other record of that logger, a failing TPU setup's included, stays visible."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("Unable to initialize backend 'tpu'" in text and "libtpu.so" in text)
+
+
+def quiet_missing_tpu_probe() -> None:
+    """Installs :class:`_NoTpuProbeLine` on JAX's backend logger when no libtpu is installed (idempotent)."""
+    if importlib.util.find_spec("libtpu") is not None:
+        return
+    logger = logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _NoTpuProbeLine) for f in logger.filters):
+        logger.addFilter(_NoTpuProbeLine())
+
+
+quiet_missing_tpu_probe()  # before anything here touches a backend
 # Variables a launcher sets that mean "this process is one of several launched together"
 # (srun sets SLURM_STEP_NUM_TASKS for the job step; a TPU pod slice lists its workers).
 _EXPLICIT = ("JDD_COORDINATOR", "JAX_COORDINATOR_ADDRESS")

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdd import config as jc, context, evaluators, loop, parallel, step as step_lib
+from jdd import config as jc, context, evaluators, loop
 
 
 def _time(fn, *args, repeats: int):
@@ -38,12 +38,6 @@ def _time(fn, *args, repeats: int):
         jax.block_until_ready(fn(*args))
         out.append(time.perf_counter() - t)
     return statistics.median(out)
-
-
-def _memory_mb(jitted, *args) -> float:
-    m = jitted.lower(*args).compile().memory_analysis()
-    total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-    return total / 2**20
 
 
 def _config(method: str, args, remat: bool = False):
@@ -70,24 +64,14 @@ def _random_cache(n: int, num_classes: int, dim: int, seed: int = 0):
 def bench(method: str, args, remat: bool = False) -> dict:
     c = _config(method, args, remat)
     s = context.build(c, "/tmp/jdd_bench_engine")
-    spec = s.spec
-    mesh = s.mesh
-    feat_dim = s.backbone.embed_dim
-    state = parallel.replicate(step_lib.init_state(jax.random.PRNGKey(0), spec, method=s.method,
-                                                   feat_dim=feat_dim, init_images=None), mesh)
-    bb = parallel.replicate(s.backbone.params, mesh)
-    step = loop.jitted_step(spec, s.method, mesh, s.embed, donate=False)
-    n_real = spec.real_per_class * spec.num_classes
-    if c.real.source == "cache":  # a cache of the train split's shape (timing only: no encoding)
-        real = parallel.replicate(loop.cache_arrays(_random_cache(len(s.train), spec.num_classes, feat_dim),
-                                                    spec.num_classes), mesh)
-    else:
-        real = {"image": jnp.asarray(np.random.default_rng(0).random((n_real, c.data.crop_res, c.data.crop_res, 3),
-                                                                      np.float32)),
-                "label": jnp.repeat(jnp.arange(spec.num_classes), spec.real_per_class)}
-    consts = {}
+    # The run's own step, from the library's builder; a random cache of the train split's shape
+    # (timing only: no encoding).
+    built = loop.build_step(c, s.spec.num_classes, s.embed, s.backbone.params, mesh=s.mesh,
+                            cache_rows=len(s.train), donate=False)
+    spec, step = built.spec, built.fn
+    state, consts, bb, real = built.args
     t_step = _time(lambda st: step(st, consts, bb, real)[1]["loss"], state, repeats=args.repeats)
-    mem = _memory_mb(step, state, consts, bb, real)
+    mem = built.memory_bytes() / 2**20
     row = {"method": method + (" (remat)" if remat else ""), "copies": spec.copies, "syn images/step": spec.copies * spec.num_images,
            "real": c.real.source, "s/step": t_step, "step memory (MB)": mem}
     if method == "lgm":

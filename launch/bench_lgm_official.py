@@ -162,11 +162,7 @@ def official_step(src: pathlib.Path, backbone_dir: str, frozen: bool, attention:
 
 def jdd_step(backbone_dir: str, real_source: str):
     """jdd's jitted LGM step at the same settings; returns a function running one step."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from jdd import config as jc, context, loop, methods, parallel, step as step_lib
+    from jdd import config as jc, context, loop, parallel
 
     s = SETTINGS
     c = jc.base_config()
@@ -177,26 +173,13 @@ def jdd_step(backbone_dir: str, real_source: str):
     c.real.source = real_source
     c.parallel.num_devices = 1
     backbone = context.load_backbone(backbone_dir)
-    method = methods.get("lgm")
-    spec = step_lib.make_spec(c, s["classes"], method)
-    mesh = parallel.make_mesh(1)
-    embed = context.embedder(backbone, c.backbone.feature)
-    full = 200 * 10  # a step by which every pyramid level has been added
-    state = step_lib.state_at(jax.random.PRNGKey(0), spec, full, method=method, feat_dim=backbone.embed_dim,
-                              init_images=None)
-    state = parallel.replicate(dict(state, step=jnp.asarray(full, jnp.int32)), mesh)
-    bb = parallel.replicate(backbone.params, mesh)
-    rng = np.random.default_rng(0)
-    n_real = spec.real_per_class * spec.num_classes
-    if real_source == "cache":  # one feature row per training image (Imagenette's 9469), one view each
-        cache = types.SimpleNamespace(features=rng.standard_normal((9469, backbone.embed_dim), np.float32),
-                                      labels=np.arange(9469) % s["classes"])
-        real = loop.cache_arrays(cache, s["classes"])
-    else:
-        real = {"image": rng.random((n_real, s["syn_res"], s["syn_res"], 3), np.float32),
-                "label": np.repeat(np.arange(s["classes"]), spec.real_per_class)}
-    real = parallel.replicate(jax.tree.map(jnp.asarray, real), mesh)
-    step = loop.jitted_step(spec, method, mesh, embed)
+    # The run's own step from the library's builder, with every pyramid level present (the official
+    # code's state after growth); real inputs: Imagenette's 9469 training rows of random cached features,
+    # or a random batch of 30 images at the pyramid's resolution, cropped in the step as the official code does.
+    built = loop.build_step(c, s["classes"], context.embedder(backbone, c.backbone.feature), backbone.params,
+                            mesh=parallel.make_mesh(1), full_pyramid=True, cache_rows=9469, real_image_res=s["syn_res"])
+    step = built.fn
+    state, _, bb, real = built.args
     holder = {"state": state}
 
     def run():

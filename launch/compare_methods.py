@@ -19,9 +19,8 @@ import json
 import os
 
 import jax
-import numpy as np
 
-from jdd import config as jc, context, distill, loop, methods, step as step_lib
+from jdd import config as jc, context, distill, loop, methods
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "imagenette_dinov2s_clp.py")
 
@@ -31,7 +30,7 @@ def method_config(method: str, args):
     with c.unlocked():
         jc.set_method(c, method)
     c.steps = args.steps
-    c.augment.copies = args.copies  # not the CLP config's 1: the README table was measured with 2
+    c.augment.copies = args.copies  # not the CLP config's 1: the docs/results.md table was measured with 2
     c.budget_minutes = 0.0        # the same number of steps for every method
     c.log_every = max(1, args.steps // 10)
     c.ckpt_every = args.steps
@@ -44,22 +43,11 @@ def method_config(method: str, args):
 
 
 def step_memory_mb(s) -> float:
-    """XLA's memory analysis of the compiled step of this run's config (one more compile, no run)."""
-    c, spec = s.config, s.spec
-    state = step_lib.init_state(jax.random.PRNGKey(c.seed), spec, method=s.method, feat_dim=s.backbone.embed_dim,
-                                init_images=None)  # as the run starts (the values do not matter here)
-    consts = {}
-    if s.method.prepare is not None:  # shapes only matter
-        cache = distill.train_cache(s)
-        consts = s.method.prepare(jax.random.PRNGKey(1), np.asarray(cache.view(0)), cache.labels,
-                                  spec.num_classes, spec.method_cfg)
-    real = {}
-    if spec.real_source == "cache":
-        real = loop.cache_arrays(distill.train_cache(s, views=c.real.cache_views), spec.num_classes)
-    step = loop.jitted_step(spec, s.method, s.mesh, s.embed, donate=False)
-    m = step.lower(state, consts, s.backbone.params, real).compile().memory_analysis()
-    return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
-            - m.alias_size_in_bytes) / 2**20
+    """XLA's memory analysis of the compiled step of this run's config (one more compile, no run; the
+    library's step builder, with inputs of the run's shapes)."""
+    built = loop.build_step(s.config, s.spec.num_classes, s.embed, s.backbone.params, mesh=s.mesh,
+                            cache_rows=len(s.train), donate=False, abstract=True)
+    return built.memory_bytes() / 2**20
 
 
 def _steady_s_per_step(workdir: str) -> float:

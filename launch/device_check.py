@@ -1,4 +1,4 @@
-"""One prepared accelerator check (issue 17): backbone throughput, distillation steps, protocol evaluation.
+"""One accelerator check in a few minutes: backbone throughput, distillation steps, protocol evaluation.
 
     python launch/device_check.py [--out device_check.json] [--budget-s 390]   # one GPU, under 8 minutes
     python launch/device_check.py --tiny                                       # CPU, a tiny ViT, seconds
@@ -9,9 +9,9 @@ Measures, on synthetic images (no dataset, no hub download), and prints one mark
   DINOv2 ViT-S/14 and ViT-B/14 shapes at 224 px, float32 and bfloat16, batch 128, 256, 512;
 - encode: the feature-cache encoding rate at the eval batch (host images -> device -> host features,
   as jdd's feature cache does, JPEG decoding excluded) and the projected time for ImageNet-1K's 1.28 M;
-- steps: s/step and peak device memory of jdd's jitted distillation step (clp, lgm with cached and with
-  encoded real features, sfm when registered) at ImageNet-100 (100 images) and ImageNet-1K (1000 images)
-  sizes, ViT-B/14, 224 px, LGM's 10 augmented copies per image;
+- steps: s/step and peak device memory of jdd's own distillation step (``jdd.loop.build_step``: clp,
+  lgm with cached and with encoded real features, sfm) at ImageNet-100 (100 images) and ImageNet-1K
+  (1000 images) sizes, ViT-B/14, 224 px, LGM's 10 augmented copies per image;
 - eval: wall time of the protocol evaluation (jdd.probe, full mode, 5 seeds, 1000 epochs) of 100 and
   1000 images, measured when it fits the budget, else projected from a few epochs (labelled).
 
@@ -29,17 +29,18 @@ Every case runs in a worker process that the parent kills ``--grace-s`` after it
 Step cases get one worker each on an accelerator (``--isolate case``): the allocator's peak
 (``memory_stats()["peak_bytes_in_use"]``, which JAX cannot reset) then belongs to that case alone.
 
-On this project's H200 machine (JAX with CUDA is installed there, ml_collections is not; no internet),
-from the repo root, once on the development machine (the float16 copy of DINOv2-S fits the 64 MiB that
-travel; float32 does not):
+On a machine without internet access and without ml_collections, copy what the check needs beside the
+repository first (``--pack-dinov2s`` writes a float16 copy of the DINOv2-S checkpoint, small enough to
+travel with the code):
 
-    echo /.devcheck/ >> .git/info/exclude; mkdir -p .devcheck && cp -r .venv/lib/python3*/site-packages/ml_collections .devcheck/ && python launch/device_check.py --pack-dinov2s .devcheck/dinov2s
+    mkdir -p .devcheck && cp -r .venv/lib/python3*/site-packages/ml_collections .devcheck/
+    python launch/device_check.py --pack-dinov2s .devcheck/dinov2s
 
-then the device run (device tool: carry [".devcheck"], timeout_s 540):
+then, on the accelerator machine:
 
-    set -o pipefail; PYTHONUNBUFFERED=1 PYTHONPATH=.devcheck python3 launch/device_check.py --dinov2s .devcheck/dinov2s --out $OUT/device_check.json 2>&1 | tee $OUT/device_check.log
+    PYTHONPATH=.devcheck python3 launch/device_check.py --dinov2s .devcheck/dinov2s --out device_check.json
 
-The table lists what the budget skipped; a second call can spend the rest of the device time on one
+The table lists what the budget skipped; a second call can spend the rest of a time budget on one
 section, e.g. ``--sections steps --budget-s 390`` (or ``--methods lgm``, ``--dtype bfloat16``).
 """
 from __future__ import annotations
@@ -99,7 +100,7 @@ class Settings:
 FULL = Settings(
     tiny=False, models=(("ViT-S/14", "S/14"), ("ViT-B/14", "B/14")), step_model="B/14", px=224, syn_px=256,
     dtypes=("float32", "bfloat16"), ladder=(128, 256, 512),
-    # Memory plan, ViT-B/14 float32: ~350 MiB of activations per augmented copy (README, measured on CPU),
+    # Memory plan, ViT-B/14 float32: ~350 MiB of activations per augmented copy (docs/scaling.md, measured on CPU),
     # ~35 MiB with remat (our estimate: 12 saved block inputs of 257 x 768 floats + one block's working
     # set). ImageNet-100's 1,000 copies in one pass with remat (~35 GiB); ImageNet-1K's 10,000 in 10
     # chunks of 1,000 with remat. Either way about 2 forwards + 1 backward per copy.
@@ -563,61 +564,28 @@ def run_encode(ctx: Worker, case: dict) -> dict:
 
 
 def build_step(case: dict, backbone, s: Settings):
-    """THE one place that assembles jdd's distillation step; adapt it here when jdd.step / jdd.config /
-    jdd.parallel change (issue 14). Mirrors jdd.distill.distill() and jdd.loop.distill(): config ->
-    StepSpec -> state (grown to the full pyramid, placed) -> encoder over the mesh -> jitted step that
-    donates the state.
-
-    Real data: random cached features {"feats" [N, 1, D], "offsets", "counts"} (cache mode, and for
-    ``method.prepare``), or a random real batch already on the device (backbone mode; loading it from
-    disk is not timed). Returns (step_fn, args, info): ``step_fn(*args) -> (state, metrics)``, args[0]
-    the state. ``backbone`` comes with the case's compute dtype and remat applied, as jdd.context builds it.
+    """jdd's distillation step for one case, from the library's own builder (``jdd.loop.build_step``):
+    the config of the case -> the run's compiled step (state donated, split leaves kept split), the state
+    grown to the full pyramid (the steady-state cost), random stand-in real inputs already on the device
+    (loading them from disk is not timed). Returns (step_fn, args, info): ``step_fn(*args) -> (state,
+    metrics)``, args[0] the state. ``backbone`` comes with the case's compute dtype and remat applied, as
+    jdd.context builds it.
     """
-    import jax
-    import numpy as np
-
-    from jdd import config as jc, context, loop, methods, parallel, step as step_lib, synsets
+    from jdd import config as jc, context, loop, parallel
     c = jc.base_config()
     jc.set_method(c, case["method"])
     c.data.crop_res, c.syn.res, c.syn.ipc = s.px, s.syn_px, 1
-    c.syn.extent = 1  # a level per step: the full pyramid (the steady-state cost) after a few grow calls
+    c.syn.extent = 1  # a level per step: the full pyramid after a few grow calls
     c.augment.copies, c.augment.accum_chunks = s.copies, case["chunks"]
     c.real.source = case["real"]
-    num_classes = case["classes"]
-    mesh = parallel.make_mesh(1)
-    method = methods.get(c.method_name)
-    spec = step_lib.make_spec(c, num_classes, method)
-    key = jax.random.PRNGKey(0)
-    full = len(synsets.level_resolutions(spec.syn_res)) + 1
-    state = step_lib.state_at(key, spec, full, method=method, feat_dim=backbone.embed_dim, init_images=None)
-    min_bytes = int(c.parallel.shard_state_mb * 2**20)
-    shardings = lambda st: parallel.state_shardings(st, mesh, rows=spec.num_images, min_bytes=min_bytes)  # noqa: E731
-    state = parallel.place(state, shardings(state))
-
-    rows = s.cache_per_class * num_classes
-    cache = {"feats": jax.random.normal(jax.random.PRNGKey(1), (rows, 1, backbone.embed_dim)),
-             "offsets": np.arange(num_classes, dtype=np.int32) * s.cache_per_class,
-             "counts": np.full(num_classes, s.cache_per_class, np.int32)}
-    consts = {}
-    if method.prepare is not None:
-        labels = np.repeat(np.arange(num_classes), s.cache_per_class)
-        consts = method.prepare(jax.random.PRNGKey(2), cache["feats"][:, 0], labels, num_classes, spec.method_cfg)
-    n_real = spec.real_per_class * num_classes if spec.real_source != "none" else 0
-    real = {}
-    if spec.real_source == "cache":
-        real = parallel.replicate(cache, mesh)
-    elif spec.real_source == "backbone":
-        image = jax.jit(lambda k: jax.random.uniform(k, (n_real, s.px, s.px, 3)),
-                        out_shardings=parallel.batch_sharded(mesh))(jax.random.PRNGKey(3))
-        label = np.repeat(np.arange(num_classes, dtype=np.int32), spec.real_per_class)
-        real = {"image": image, "label": parallel.global_batch(label, mesh)}
-    del cache
-    # The run's own compiled step (state donated, split leaves kept split), as jdd.loop.distill builds it.
-    step_fn = loop.jitted_step(spec, method, mesh, context.embedder(backbone, spec.feature),
-                               shard_state_mb=c.parallel.shard_state_mb)
-    args = (state, parallel.replicate(consts, mesh), parallel.replicate(backbone.params, mesh), real)
+    c.parallel.num_devices = 1
+    built = loop.build_step(c, case["classes"], context.embedder(backbone, c.backbone.feature), backbone.params,
+                            mesh=parallel.make_mesh(1), full_pyramid=True,
+                            cache_rows=s.cache_per_class * case["classes"])
+    spec = built.spec
+    n_real = spec.real_per_class * spec.num_classes if spec.real_source != "none" else 0
     info = dict(images=spec.num_images, copies=spec.copies, real_per_step=n_real, real_source=spec.real_source)
-    return step_fn, args, info
+    return built.fn, built.args, info
 
 
 def run_step(ctx: Worker, case: dict) -> dict:

@@ -1,12 +1,12 @@
 """Per-device memory of one distillation step (LGM, CLP): a model from the architecture, checked by XLA.
 
-    python launch/memory.py table                    # ImageNet-1K, ViT-B/14 at 224 px: the README table
+    python launch/memory.py table                    # ImageNet-1K, ViT-B/14 at 224 px: the docs/scaling.md table
     python launch/memory.py table --ipc 10 --devices 64,256 --dtype bfloat16
     python launch/memory.py measure [--depth 12]      # compile jdd's real step on CPU, fit, compare
 
 ``table`` evaluates :func:`step_bytes`, a sum of named terms computed from the backbone's sizes
 (width D, depth L, heads H, MLP width F, tokens T) and the run's sizes. ``measure`` lowers and
-compiles jdd's own jitted step (``jdd.step.make_step`` + ``parallel.batch_map``) for a grid of
+compiles jdd's own jitted step (``jdd.loop.build_step``, the run's step builder) for a grid of
 small sizes, without running it, reads XLA's ``compiled.memory_analysis()`` and fits the peak as
 ``alpha + beta * copies_per_device + beta_r * real_per_device + gamma * images_per_device``,
 then prints the fitted coefficients beside the model's.
@@ -169,7 +169,7 @@ def chunks_for_budget(budget_bytes: float, arch: Arch, **kw) -> int | None:
 
 def table(arch: Arch, *, num_classes: int, ipcs, copies_list, devices_list, dtype: str, cache_rows: int,
           budgets_gib=(16, 80)) -> list[dict]:
-    """The README table: per-device GiB at k = 1 (state split over devices) and the k each budget needs."""
+    """The docs/scaling.md table: per-device GiB at k = 1 (state split over devices) and the k each budget needs."""
     act = 2 if dtype == "bfloat16" else 4
     rows = []
     for method in ("lgm", "clp"):
@@ -209,11 +209,10 @@ def print_table(rows: list[dict], devices_list, budgets_gib=(16, 80)) -> None:
 # ------------------------------------------------------------------------------------------------
 def compiled_bytes(backbone, *, method: str, num_classes: int, ipc: int, copies: int, real_per_class: int,
                    syn_res: int, crop: int, cache_rows: int, devices: int = 1, shard_state: bool = False) -> dict:
-    """XLA's memory analysis of one jitted jdd step at these sizes (per device), in bytes."""
-    import jax
-    import jax.numpy as jnp
-
-    from jdd import config as jc, methods, parallel, step as step_lib, synsets
+    """XLA's memory analysis of one jitted jdd step at these sizes (per device), in bytes: the library's
+    step builder (``jdd.loop.build_step``), abstract inputs, the state at the end of the run (every
+    pyramid level present)."""
+    from jdd import config as jc, context, loop, parallel
 
     c = jc.base_config()
     jc.set_method(c, method)
@@ -221,39 +220,12 @@ def compiled_bytes(backbone, *, method: str, num_classes: int, ipc: int, copies:
     c.augment.copies = copies
     c.real.source = "backbone" if method == "lgm" else "cache"
     c.real.per_class = real_per_class
-    meth = methods.get(method)
-    spec = step_lib.make_spec(c, num_classes, meth)
-    mesh = parallel.make_mesh(devices)
-    feature = c.backbone.feature
-    encode = parallel.batch_map(lambda p, x: backbone.apply(p, x)[feature], mesh)
-    step = step_lib.make_step(spec, meth, encode)
-    levels = len(synsets.level_resolutions(syn_res))
-
-    def full_state(key):  # the state at the end of the run: every pyramid level present
-        st = step_lib.init_state(key, spec, method=meth, feat_dim=backbone.embed_dim, init_images=None)
-        syn = synsets.init("pyramid", key, num_images=spec.num_images, res=syn_res, levels=levels,
-                           **spec.synset_opts)
-        params = dict(st["params"], syn=syn)
-        popt, _ = step_lib.make_optimizers(spec)
-        return dict(st, params=params, opt=dict(st["opt"], params=popt.init(params)))
-
-    state = jax.eval_shape(full_state, jax.random.PRNGKey(0))
-    shard = parallel.state_shardings(state, mesh, rows=spec.num_images, min_bytes=0 if shard_state else 2**62)
-    rep = parallel.replicated(mesh)
-    abstract = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-    state = abstract(state, shard)
-    bb = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), backbone.params)
-    if method == "lgm":
-        r = real_per_class * num_classes
-        real = {"image": jax.ShapeDtypeStruct((r, crop, crop, 3), jnp.float32, sharding=parallel.batch_sharded(mesh)),
-                "label": jax.ShapeDtypeStruct((r,), jnp.int32, sharding=parallel.batch_sharded(mesh))}
-    else:
-        real = {"feats": jax.ShapeDtypeStruct((cache_rows, 1, backbone.embed_dim), jnp.float32, sharding=rep),
-                "offsets": jax.ShapeDtypeStruct((num_classes,), jnp.int32, sharding=rep),
-                "counts": jax.ShapeDtypeStruct((num_classes,), jnp.int32, sharding=rep)}
+    c.parallel.shard_state_mb = 0.0 if shard_state else float(2**40)  # split every per-image leaf, or none
+    built = loop.build_step(c, num_classes, context.embedder(backbone, c.backbone.feature), backbone.params,
+                            mesh=parallel.make_mesh(devices), full_pyramid=True, cache_rows=cache_rows,
+                            abstract=True)
     t0 = time.time()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, {}, bb, real).compile()
-    ma = compiled.memory_analysis()
+    ma = built.fn.lower(*built.args).compile().memory_analysis()
     out = {k: int(getattr(ma, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
                                             "alias_size_in_bytes", "temp_size_in_bytes")}
     # Peak: inputs, plus outputs that do not reuse a donated input, plus scratch.

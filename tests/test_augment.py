@@ -143,6 +143,7 @@ def test_gradients_finite_and_nonzero_under_jit(op):
     assert g.shape == x.shape and bool(jnp.isfinite(g).all()) and float(jnp.abs(g).max()) > 0
 
 
+@pytest.mark.slow
 def test_jit_and_vmap_match_eager():
     x = _images(b=2)
     fn = lambda k, im: A.augment(k, im, ops=("flip", "rrc", "noise"), out_res=8)  # noqa: E731

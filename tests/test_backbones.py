@@ -84,6 +84,7 @@ def _hf_config(family: str, variant: str) -> dict:
     return dict(model_type="siglip", vision_config=dict(sizes, intermediate_size=cfg.mlp_dim))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", HF_FAMILY_NAMES)
 def test_variant_table_matches_transformers(family):
     """Each named variant has the architecture (config and parameter count) of its HF model."""
@@ -288,6 +289,7 @@ def test_chunked_attention_matches_one_piece(monkeypatch, budget_samples):
     assert vit.largest_divisor_at_most(batch, budget_samples) == {1: 1, 4: 3}[budget_samples]
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradient_with_less_memory():
     """ViT(remat=True): identical features and input gradient, smaller temporaries in the backward."""
     # 64 tokens x 64 images x 8 blocks: stored activations dominate the backward's temporaries (at

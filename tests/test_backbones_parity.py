@@ -135,6 +135,7 @@ def test_two_tower_checkpoints_load_the_vision_tower(tmp_path):
         assert rel_diff(ours, ref) <= RTOL, name
 
 
+@pytest.mark.slow
 def test_real_dinov2s_parity(dinov2s_dir):
     """The real pretrained DINOv2 ViT-S/14 at 224 and 112 px against transformers.Dinov2Model."""
     backbone = bb.load(str(dinov2s_dir))

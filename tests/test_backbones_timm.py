@@ -214,6 +214,7 @@ def _meta_model(architecture: str, **kwargs):
 
 
 @needs_timm
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["eva02", "timm_vit"])
 def test_architecture_tables_match_timm(family):
     """Every timm architecture jdd knows has timm's parameter shapes, at full depth and one block deep
@@ -258,6 +259,7 @@ def test_rotary_table_matches_timm():
 
 
 @needs_timm
+@pytest.mark.slow
 def test_timm_checkpoint_loads_without_torch(tmp_path):
     save_timm(tmp_path, "eva02_small_patch14_224", **TINY)
     code = ("import sys, jdd.backbones as bb; b = bb.load(sys.argv[1]); assert b.family == 'eva02'; "

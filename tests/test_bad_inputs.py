@@ -236,6 +236,7 @@ def test_matrix_is_large_enough():
     assert len(CASES) >= 25 and len({c.name for c in CASES}) == len(CASES)
 
 
+@pytest.mark.slow  # a CLI subprocess per case
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(results, case):
     r = results[case.name]
@@ -252,6 +253,7 @@ def test_bad_input(results, case):
     assert r["after"] == r["before"], f"the workdir changed\n{context}"
 
 
+@pytest.mark.slow  # a CLI subprocess per case
 def test_disk_full_is_one_sentence_naming_the_path(results):
     """A full disk mid-run (orbax's async checkpoint writer hits ENOSPC): one line naming the file."""
     r = results["disk full"]
@@ -265,6 +267,7 @@ def test_disk_full_is_one_sentence_naming_the_path(results):
     assert "Traceback" not in proc.stderr, context
 
 
+@pytest.mark.slow  # a CLI subprocess per case
 def test_report_table(results, capsys):
     """Prints the matrix (input, exit status, message) for the issue's closing note (pytest -s shows it)."""
     rows = []

@@ -101,6 +101,7 @@ def _toy(rng, n_per, sep):
     return (means[y] + rng.normal(size=(len(y), d))).astype(np.float32), y
 
 
+@pytest.mark.slow
 def test_full_dataset_probe_separable_and_reported():
     rng = np.random.default_rng(2)
     xtr, ytr = _toy(rng, 40, 8.0)
@@ -113,6 +114,7 @@ def test_full_dataset_probe_separable_and_reported():
     assert proto["selected_l2"] == proto["l2_grid"][np.flatnonzero(val == val.max())[-1]]
 
 
+@pytest.mark.slow
 def test_run_baselines_features_mode_and_write_results(tmp_path):
     rng = np.random.default_rng(3)
     xtr, ytr = _toy(rng, 40, 2.0)  # the train shapes of the test above: the full probe is compiled once

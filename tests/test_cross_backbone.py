@@ -42,6 +42,7 @@ def setup(tmp_path_factory):
     return root, argv, {k: sets.load_set(paths[k]) for k in TOWERS}
 
 
+@pytest.mark.slow  # the full N x N matrix, a protocol run per cell
 def test_matrix_files_and_one_cell_against_a_direct_probe(setup, caplog):
     root, argv, loaded = setup
     with caplog.at_level(logging.INFO, logger="jdd"):

@@ -6,6 +6,8 @@ import pytest
 
 import jdd.data as jd
 
+pytestmark = pytest.mark.slow  # the real Imagenette copy; tests/test_data.py covers jdd.data in the fast tier
+
 RES, CROP, PER_CLASS = 64, 56, 2
 KW = dict(real_res=RES, crop_res=CROP, seed=7)
 

@@ -48,6 +48,7 @@ def tiny_run(tmp_path_factory):
     return result, buf.getvalue(), json.loads(out.read_text())
 
 
+@pytest.mark.slow  # worker subprocesses
 def test_tiny_run_measures_every_case(tiny_run):
     result, _, saved = tiny_run
     assert saved["rows"] == result["rows"]
@@ -81,6 +82,7 @@ def test_tiny_run_measures_every_case(tiny_run):
     assert ev[0]["epochs"] == dc.TINY.eval_epochs
 
 
+@pytest.mark.slow  # worker subprocesses
 def test_every_number_is_finite_and_positive(tiny_run):
     for r in tiny_run[2]["rows"]:
         if r["status"] != "ok":
@@ -89,6 +91,7 @@ def test_every_number_is_finite_and_positive(tiny_run):
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (r["kind"], key, r)
 
 
+@pytest.mark.slow  # worker subprocesses
 def test_printed_table(tiny_run):
     result, text, _ = tiny_run
     lines = text.splitlines()
@@ -113,6 +116,7 @@ def jax_methods():
     return set(methods.METHODS)
 
 
+@pytest.mark.slow  # worker subprocesses
 def test_tiny_budget_skips_and_says_so(tmp_path, capsys, monkeypatch):
     """A budget that ends before the workers are ready: every case is listed as skipped, with the reason,
     and the run stops well inside budget + grace (no case ran)."""
@@ -160,6 +164,7 @@ def test_guard_stops_a_ladder_after_a_failure_or_saturation():
     assert dc.skip_reason(c, [a, b], 1e9) is None
 
 
+@pytest.mark.slow
 def test_packed_dinov2s_loads_as_the_original(dinov2s_dir, tmp_path):
     from jdd import backbones
     dc.pack_checkpoint(str(dinov2s_dir), str(tmp_path / "half"))
@@ -172,6 +177,7 @@ def test_packed_dinov2s_loads_as_the_original(dinov2s_dir, tmp_path):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # worker subprocesses
 def test_a_section_never_outlasts_its_budget_and_grace(tmp_path, monkeypatch):
     """The hard bound: a worker still busy at the deadline + grace is killed, and its case says so."""
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # no compilation cache: the evaluation takes seconds to compile

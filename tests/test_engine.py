@@ -49,6 +49,7 @@ def test_run_writes_outputs_and_is_deterministic(tiny_data, tmp_path):
     assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,source,param", [("clp", "cache", "pyramid"), ("lgm", "backbone", "pixels")])
 def test_stop_and_resume_equals_uninterrupted(tiny_data, tmp_path, method, source, param):
     tiny = _load_tiny()
@@ -69,6 +70,7 @@ def _checkpoint_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_bit_identical(tiny_data, tmp_path):
     """SIGKILL a running `python -m jdd.main` between checkpoints; rerunning the same command resumes
     from the last checkpoint and ends with exactly the uninterrupted run's set and metrics."""
@@ -104,6 +106,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tiny_data, tmp_path):
     assert [r["loss"] for r in rows[killed]] == [r["loss"] for r in rows[full]]
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_config_is_refused(tiny_data, tmp_path):
     tiny = _load_tiny()
     distill.run(tiny.get_config(f"data={tiny_data},steps=2"), str(tmp_path))
@@ -111,6 +114,7 @@ def test_resume_with_a_different_config_is_refused(tiny_data, tmp_path):
         distill.run(tiny.get_config(f"data={tiny_data},steps=4,method=dm"), str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["cache", "backbone"])
 def test_one_and_four_devices_agree(tiny_data, tmp_path, source):
     import jax
@@ -126,6 +130,7 @@ def test_one_and_four_devices_agree(tiny_data, tmp_path, source):
     assert np.abs(out[1] - out[0]).max() > 1e-3, "the images did not move in 3 steps"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,source", [("clp", "cache"), ("lgm", "backbone")])
 def test_gradient_accumulation_is_exact(tiny_data, tmp_path, method, source):
     """Encoding the copies in 2 chunks (two passes) gives the same images as one pass."""
@@ -138,6 +143,7 @@ def test_gradient_accumulation_is_exact(tiny_data, tmp_path, method, source):
     np.testing.assert_allclose(out[2], out[1], rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_centroid_init_starts_from_the_centroid_images(tiny_data, tmp_path):
     from jdd import context, data, selection
     cfg = _load_tiny().get_config(f"data={tiny_data},steps=0,init=centroid")
@@ -150,6 +156,7 @@ def test_centroid_init_starts_from_the_centroid_images(tiny_data, tmp_path):
     np.testing.assert_allclose(images, np.clip(want, 1e-3, 1 - 1e-3), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_learned_soft_labels_are_exported(tiny_data, tmp_path):
     distill.run(_load_tiny().get_config(f"data={tiny_data},steps=2,learn_labels=true,method=bptt"), str(tmp_path))
     with np.load(tmp_path / "distilled.npz") as f:
@@ -183,6 +190,7 @@ def test_unknown_config_key_is_an_error(tiny_data):
         cfg.syn.ipcc = 2
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tiny_data, tmp_path):
     """python -m jdd.main with a tiny ViT and tiny data: distil, evaluate, then --mode=eval again."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -204,6 +212,7 @@ def test_cli_end_to_end(tiny_data, tmp_path):
     assert bad.returncode != 0 and "ipcc" in bad.stderr
 
 
+@pytest.mark.slow
 def test_tracking_keeps_the_best_set_on_the_train_split(tiny_data, tmp_path):
     """eval.track_every logs the train-split probe; keep_best exports the set of the best tracked step."""
     from jdd import context, evaluators, export
@@ -229,6 +238,7 @@ def test_tracking_keeps_the_best_set_on_the_train_split(tiny_data, tmp_path):
     assert track(images, labels) == pytest.approx(best["top1"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_augmented_tracker_trains_on_fixed_protocol_views():
     """eval.track_views = V: the tracking probe trains on V protocol-augmented views of each image
     (view-major, the same keys at every track) for epochs / V passes; V = 0 is the plain tracker."""
@@ -274,6 +284,7 @@ def test_keep_best_without_tracking_is_refused(tiny_data, tmp_path):
         distill.run(cfg, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_label_only_baseline_keeps_the_images(tiny_data, tmp_path):
     """syn.learn_images=False with soft labels: images stay the real init, labels move."""
     cfg = _load_tiny().get_config(f"data={tiny_data},steps=3,learn_labels=true,init=real,method=bptt")
@@ -291,6 +302,7 @@ def test_label_only_baseline_keeps_the_images(tiny_data, tmp_path):
         distill.run(cfg, str(tmp_path / "bad"))
 
 
+@pytest.mark.slow
 def test_budget_stops_at_a_logging_step_and_exports(tiny_data, tmp_path):
     cfg = _load_tiny().get_config(f"data={tiny_data},steps=6")
     cfg.budget_minutes = 1e-9  # already spent at the first logging step (log_every = 2)
@@ -301,6 +313,7 @@ def test_budget_stops_at_a_logging_step_and_exports(tiny_data, tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints"))[-1].endswith("2")
 
 
+@pytest.mark.slow
 def test_sfm_needs_no_real_batch(tiny_data, tmp_path):
     """A method with needs_real=False (SFM: class statistics prepared once from the cache) runs with no
     real input to the step at all, and moves the images."""
@@ -326,6 +339,7 @@ def _prepared_inputs(ctx):
     return cache.view(0), cache.labels
 
 
+@pytest.mark.slow
 def test_coarse_to_fine_compiles_one_step_per_resolution(tiny_data, tmp_path):
     """augment.res_schedule: crops at 16 px before step 2, then at crop_res (32); bad items are refused."""
     from jdd import step as step_lib
@@ -345,6 +359,7 @@ def test_coarse_to_fine_compiles_one_step_per_resolution(tiny_data, tmp_path):
         step_lib.parse_res_schedule("16-2")
 
 
+@pytest.mark.slow
 def test_copies_and_crop_scale_schedules(tiny_data, tmp_path):
     """augment.copies_schedule / rrc_scale_schedule resolve per step (after the last item: copies and
     rrc_scale); a run with 1 copy and near-full crops early takes another path; bad items are refused."""
@@ -406,6 +421,7 @@ def _run_tiny(tiny, tmp_path, name, arg, **augment):
     return images_of(tmp_path / name)[0]
 
 
+@pytest.mark.slow
 def test_token_dropping_step(tiny_data, tmp_path):
     """augment.token_keep: a schedule resolved per step (one compile per fraction); the dropped steps take
     another path than the full-token ones; per-image keys make 1 and 4 devices and 2 chunks agree."""
@@ -426,6 +442,7 @@ def test_token_dropping_step(tiny_data, tmp_path):
     np.testing.assert_allclose(chunked, one, rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_before_any_checkpoint_of_it(tiny_data, tmp_path, monkeypatch):
     """Finite checkpoints at steps 2 and 4; resumed with a temperature that overflows the loss, the run
     stops at the next checkpoint step (6, not a logging step) without writing it, keeps step 4 and says
@@ -485,6 +502,7 @@ def test_budget_progress_follows_the_clock(monkeypatch):
     assert unbudgeted(25) == pytest.approx(0.25)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decay", ["cosine", "linear"])
 def test_lr_decay_scales_every_update_and_resumes_exactly(tiny_data, tmp_path, decay):
     """syn.lr_decay: the logged multiplier of step t is the decay at t / steps; a zero multiplier

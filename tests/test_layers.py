@@ -73,7 +73,7 @@ def test_no_private_names_of_other_modules_in_tests_and_launch_scripts():
     jdd_modules = {p.stem for p in PKG.rglob("*.py")} - {"__init__"}
     pattern = re.compile(r"\b(" + "|".join(sorted(jdd_modules)) + r")\._[a-zA-Z]\w*")
     found = []
-    for path in list((REPO / "tests").glob("*.py")) + list((REPO / "launch").glob("*.py")):
+    for path in list((REPO / "tests").glob("*.py")) + list((REPO / "launch").rglob("*.py")):
         for n, line in enumerate(path.read_text().splitlines(), 1):
             for m in pattern.finditer(line):
                 found.append(f"{path.relative_to(REPO)}:{n}: {m.group(0)}")

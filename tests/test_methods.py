@@ -242,6 +242,7 @@ def test_bptt_one_step_matches_hand_computation(optimizer):
     np.testing.assert_allclose(value, ref, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_bptt_checkpoint_does_not_change_value_or_gradient():
     syn, real = _problem(soft=True)
 

@@ -162,6 +162,7 @@ def _flat(tree, prefix=""):
         yield prefix, tree
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tiny_data, tmp_path):
     """LGM with real batches encoded in-step: each host reads its half of every real batch.
 
@@ -242,6 +243,7 @@ _HELPERS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", [explicit_env, slurm_env], ids=["explicit", "slurm"])
 def test_parallel_helpers_across_processes(tmp_path, launcher):
     """Mesh order, per-host batches, host-split state, barriers: the pieces a multi-host run relies on.
@@ -299,7 +301,7 @@ def test_incomplete_coordinator_settings_are_refused(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# Per-device memory (launch/memory.py, README "Beyond one host"): the activation term of the model
+# Per-device memory (launch/memory.py, docs/scaling.md): the activation term of the model
 # is a count of what JAX's backprop keeps per image through the frozen ViT.
 # ------------------------------------------------------------------------------------------------
 def _memory_module():

@@ -141,6 +141,7 @@ def kernel_env(tmp_path_factory):
     return tmp, data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_end_to_end_on_cpu(path, kernel_env, monkeypatch):
     import nbclient

@@ -174,6 +174,7 @@ def test_accuracy_matches_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_tiny_vit_evaluation_is_reproducible():
     bb = backbones.create("dinov2", "test", image_size=32)
     embed = probe.embedder(bb.apply, bb.params)

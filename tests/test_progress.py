@@ -46,6 +46,7 @@ def run(data, mode, shown):
                           num_classes=C, cfg=cfg_for(mode, shown), augment_fn=jax.tree_util.Partial(flip_shift))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "features"])
 def test_results_are_bit_identical_with_and_without_progress(data, mode, monkeypatch, caplog):
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)

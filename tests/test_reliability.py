@@ -581,6 +581,7 @@ def test_unknown_key_message():
     assert "keys under 'syn'" in main.unknown_key_message(c, "syn.zzzzzz")
 
 
+@pytest.mark.slow
 def test_verbose_shows_the_traceback(tmp_path, folder):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     args = [sys.executable, "-m", "jdd.main", f"--config=tests/configs/tiny.py:data={folder}",

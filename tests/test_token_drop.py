@@ -28,7 +28,7 @@ def _apply(backbone, images, token_keep=None):
     return backbone.module.apply({"params": backbone.params}, images, token_keep=token_keep)
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", [f if f == "dinov2" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILY_NAMES])
 def test_fraction_one_is_the_plain_forward_and_fewer_tokens_otherwise(family):
     backbone = bb.create(family, "test")
     images = _images()
@@ -62,6 +62,7 @@ def test_keep_indices_deterministic_per_key_distinct_and_different_per_image_and
     assert not np.allclose(out_a, _apply(backbone, images, (jax.random.PRNGKey(1), 0.5))["embedding"])
 
 
+@pytest.mark.slow
 def test_per_image_keys_make_each_subset_independent_of_the_batch():
     """One key per image (raw [B, 2] or typed [B]): image i keeps what it keeps alone, so a batch split
     over devices drops exactly the tokens of the whole batch; a key count that does not match is refused."""
@@ -119,6 +120,7 @@ def test_kept_tokens_carry_their_own_positions(family, monkeypatch):
     np.testing.assert_allclose(shuffled["last_hidden_state"][:, prefix:], tokens, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_jit_and_remat_match_eager():
     backbone = bb.create("eva02", "test")
     images = _images()
@@ -141,6 +143,7 @@ def test_bad_fraction_raises_clearly():
         jax.jit(lambda f: _apply(backbone, images, (KEY, f)))(0.5)
 
 
+@pytest.mark.slow
 def test_larger_image_and_bfloat16():
     backbone = bb.create("dinov2", "test", dtype=jnp.bfloat16)
     images = jax.random.uniform(KEY, (2, 48, 48, 3))

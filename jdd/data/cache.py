@@ -379,6 +379,6 @@ def _build(source: Source, embed_fn: EmbedFn, path: str, full_key: dict, batch_s
         meta = {"full_key": full_key, "num_examples": n, "views": views, "dim": dim,
                 "dtype": np.dtype(dtype).name, "num_classes": source.num_classes, "class_ids": source.class_ids,
                 "class_names": source.class_names, "unreadable": unreadable,
-                "build_seconds_last_session": round(time.time() - start, 1)}
+                "build_seconds_last_process": round(time.time() - start, 1)}
         _write_json(os.path.join(path, "meta.json"), meta)
         os.remove(prog_path)

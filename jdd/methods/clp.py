@@ -13,7 +13,7 @@ raw `logits / T`, the best T fell as 1 / (1 + ridge) along the whole ridge range
 
 The paper publishes no code; our choices (trace-scaled ridge, centred targets `Y - 1/C`, unpenalised
 bias, relative temperature) and their defaults were chosen by measurement: docs/tuning.md#clp
-(`launch/tune_clp.py`, with the tables). Ridges <= 0.01 make sets that a closed-form ridge probe reads
+(`launch/studies/tune_clp.py`, with the tables). Ridges <= 0.01 make sets that a closed-form ridge probe reads
 well but an SGD-trained probe does not (the set encodes the inverse of a near-singular Gram).
 """
 from __future__ import annotations

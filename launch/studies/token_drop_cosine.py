@@ -16,7 +16,7 @@ to the kept patches' pixels (mean over keys): the dropped gradient is exactly ze
 patches, which alone caps the plain cosine near sqrt(keep) when the gradient is spread evenly; "kept
 cos" shows how much the smaller context changes the direction where gradient remains. Time: median wall time of one jitted forward + backward of the clp loss, after compiling.
 
-    python launch/token_drop_cosine.py [--data ../shared/data/imagenette] [--backbone .cache/dinov2s]
+    python launch/studies/token_drop_cosine.py [--data ../shared/data/imagenette] [--backbone .cache/dinov2s]
         [--per_class 2] [--real_per_class 3] [--res 112] [--keys 4]
 
 Prints a markdown table and the machine's load average (other processes slow every row alike).
@@ -86,8 +86,8 @@ def gradient_fns(backbone: bb.Backbone, fraction: float, direction, labels_oneho
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data", "imagenette"))
-    ap.add_argument("--backbone", default=os.path.join(HERE, "..", ".cache", "dinov2s"))
+    ap.add_argument("--data", default=os.path.join(HERE, "..", "..", "..", "shared", "data", "imagenette"))
+    ap.add_argument("--backbone", default=os.path.join(HERE, "..", "..", ".cache", "dinov2s"))
     ap.add_argument("--per_class", type=int, default=2, help="images per class whose gradient is measured")
     ap.add_argument("--real_per_class", type=int, default=3, help="other images per class: clp's real batch")
     ap.add_argument("--res", type=int, default=112)

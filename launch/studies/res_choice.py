@@ -15,7 +15,7 @@ resolution
             fastest round kept (on a shared CPU the minimum is the least disturbed estimate); plus
             the wall time of the train-split cache build.
 
-    python launch/res_choice.py [--data ../shared/data/miniimagenet] [--backbone .cache/dinov2s] \
+    python launch/studies/res_choice.py [--data ../shared/data/miniimagenet] [--backbone .cache/dinov2s] \
         [--res 84/84,112/112] [--cache_dir runs/feature_cache] [--npy_dir runs/res_choice] [--timing_only]
 
 `--res` lists real_res/crop_res pairs (resize the shorter side to real_res, centre-crop crop_res;
@@ -23,7 +23,7 @@ resolution
 through the public data API with the key that `jdd.distill` uses for a train-split cache, in the
 directory a run with workdir `runs/<name>` uses by default (`runs/feature_cache`), so the configs'
 runs find them already built. With `--npy_dir`, the fit / held-out features of each resolution are
-written as `<npy_dir>/<res>/{train,val}_{feats,labels}.npy` for `launch/tune_clp.py --feats_dir`
+written as `<npy_dir>/<res>/{train,val}_{feats,labels}.npy` for `launch/studies/tune_clp.py --feats_dir`
 ("val" there is the held-out 20% of train). CPU timings vary with the machine's load (recorded).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ import jdd.backbones
 import jdd.data
 from jdd import baselines, probe, selection
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 FEATURE = "embedding"
 
 
@@ -160,7 +160,7 @@ def measure(args, backbone, real_res: int, crop_res: int) -> dict:
         "centroid_top1": centroid["top1_mean"], "centroid_std": centroid["top1_std"],
         "random_top1": float(pooled.mean()), "random_std": float(pooled.std()),
         "random_per_draw": [r["top1_mean"] for r in draws],
-        "cache_wall_s": cache_s, "cache_build_s": cache.meta.get("build_seconds_last_session"),
+        "cache_wall_s": cache_s, "cache_build_s": cache.meta.get("build_seconds_last_process"),
         "load_avg": os.getloadavg(),
     }
 

@@ -5,7 +5,7 @@ trains a probe on the synthetic features and reports its accuracy on held-out re
 Optimising features directly is an upper bound on what images can reach, but the ranking of the
 hyper-parameters is informative and cheap to get.
 
-    python launch/tune_clp.py --feats_dir .cache/feats_imagenette_112 \
+    python launch/studies/tune_clp.py --feats_dir .cache/feats_imagenette_112 \
         [--ridges 0.1,0.3,1,3,10] [--temperatures 0.05,0.1,0.2,0.4,0.8] [--fit_bias 1,0] [--ipc 1]
 
 Inputs: four .npy files (train_feats [N, D] float, train_labels [N] int, val_feats, val_labels),

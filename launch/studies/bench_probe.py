@@ -1,6 +1,6 @@
 """Real-image baselines on Imagenette with the real DINOv2-S: accuracy and wall time of each.
 
-    python launch/bench_probe.py [--data_dir ../shared/data/imagenette] [--checkpoint .cache/dinov2s]
+    python launch/studies/bench_probe.py [--data_dir ../shared/data/imagenette] [--checkpoint .cache/dinov2s]
         [--res 112] [--ipc 1] [--epochs 1000] [--seeds 5] [--draws 5] [--mode full|features]
         [--methods random centroid full] [--out runs/bench_probe]
 
@@ -25,7 +25,7 @@ import jdd.backbones
 import jdd.data
 from jdd import baselines, probe, results as results_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def parse_args():
