@@ -188,11 +188,11 @@ def test_tfds_fingerprint_follows_dataset_info_and_data_files(tmp_path):
     shard = tmp_path / "ds-validation.array_record-00000-of-00001"
     shard.write_bytes(b"x" * 100)
     (tmp_path / "jdd-index").mkdir()  # jdd's own label index: not part of the data
-    first = tfds_source._prepared_digest(str(tmp_path))
+    first = tfds_source.prepared_digest(str(tmp_path))
     (tmp_path / "jdd-index" / "validation.labels.npz").write_bytes(b"index")
-    assert tfds_source._prepared_digest(str(tmp_path)) == first
+    assert tfds_source.prepared_digest(str(tmp_path)) == first
     (tmp_path / "dataset_info.json").write_text(json.dumps({**info, "version": "1.0.1"}))
-    second = tfds_source._prepared_digest(str(tmp_path))
+    second = tfds_source.prepared_digest(str(tmp_path))
     assert second != first
     shard.write_bytes(b"y" * 101)
-    assert tfds_source._prepared_digest(str(tmp_path)) not in (first, second)
+    assert tfds_source.prepared_digest(str(tmp_path)) not in (first, second)

@@ -65,6 +65,7 @@ def test_run_stops_at_a_tracker_plateau_and_says_why(tiny_data, tmp_path):
     assert meta["stopped"] == stop["message"]
 
 
+@pytest.mark.slow
 def test_an_improving_run_goes_to_its_step_cap_or_budget(tiny_data, tmp_path, monkeypatch):
     """A tracker that gains a point at every track never plateaus: the run ends at `steps`, or at the
     budget when that comes first."""
@@ -90,7 +91,7 @@ def test_an_improving_run_goes_to_its_step_cap_or_budget(tiny_data, tmp_path, mo
     assert "stopped: time budget of 1e-09 min at step 2" in stop["message"]
 
 
-@pytest.mark.parametrize("keep_best", [False, True])
+@pytest.mark.parametrize("keep_best", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_resume_keeps_the_plateau_decision(tiny_data, tmp_path, keep_best):
     """Interrupted at step 2 (a smaller step cap), resumed with the full cap: the plateau counter is
     rebuilt from the logged tracks, so the run stops at step 4 with the uninterrupted run's set; a

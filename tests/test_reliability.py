@@ -41,7 +41,7 @@ def tiny(folder, arg=""):
 @pytest.mark.parametrize("arg", ["", "runlocal"])
 def test_shipped_configs_pass(path, arg, tmp_path):
     # Configs of local ImageFolder data (no TFDS builder) need their data= argument.
-    needs_data = "miniimagenet" in os.path.basename(path)
+    needs_data = any(name in os.path.basename(path) for name in ("miniimagenet", "minidogs"))
     if needs_data:
         (tmp_path / "train" / "n01532829").mkdir(parents=True)
     arg = ",".join(filter(None, [arg, f"data={tmp_path}" if needs_data else ""]))

@@ -82,7 +82,8 @@ def test_per_image_keys_make_each_subset_independent_of_the_batch():
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["dinov2", "siglip", "eva02"])  # class token; none (MAP pooling); rope
+@pytest.mark.parametrize("family", ["dinov2", pytest.param("siglip", marks=pytest.mark.slow),  # class token; none
+                                    "eva02"])  # (MAP pooling); rope
 def test_gradient_is_zero_exactly_at_dropped_patches(family):
     backbone = bb.create(family, "test")
     images = _images()

@@ -205,10 +205,12 @@ class TfdsSource(sources.Source):
     def content_digest(self) -> str:
         """The prepared data as TFDS describes and stores it: dataset_info.json (version, split
         shard lengths and byte counts, checksums) and each data file's name, size and mtime."""
-        return _prepared_digest(self.location)
+        return prepared_digest(self.location)
 
 
-def _prepared_digest(data_dir: str) -> str:
+def prepared_digest(data_dir: str) -> str:
+    """SHA-256 of a prepared TFDS directory: its dataset_info.json and each data file's name, size
+    and mtime (jdd's own label index under jdd-index/ excluded)."""
     h = hashlib.sha256()
     info = os.path.join(data_dir, "dataset_info.json")
     if os.path.isfile(info):
