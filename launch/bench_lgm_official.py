@@ -1,12 +1,7 @@
 """One LGM step, jdd vs the official PyTorch code, paired: seconds per step and peak RSS.
 
 The official code is GeorgeCazenavette/linear-gradient-matching. It is not part of this project;
-bring a copy and make it run on a CPU-only torch (its hot path calls ``.cuda()``), e.g.:
-
-    git clone https://github.com/GeorgeCazenavette/linear-gradient-matching /tmp/lgm_official
-    cd /tmp/lgm_official/src && sed -i -e 's/\\.cuda([^)]*)//g' -e 's/device="cuda"/device="cpu"/g' \\
-        distillation/linear_gm.py synsets/*.py augmentation/__init__.py
-    pip install einops tqdm        # imported by their synsets / step module
+bring a CPU-ready copy as launch/official_lgm.py says, then:
 
     python launch/bench_lgm_official.py --official=/tmp/lgm_official --backbone=.cache/dinov2s
 
@@ -37,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -49,45 +43,10 @@ import sys
 import time
 import types
 
+import official_lgm  # launch/official_lgm.py
+
 ARMS = ("official", "official-frozen", "jdd", "jdd-cache")
-# The files of the official code that this script runs; none may still call CUDA.
-OFFICIAL_FILES = ("distillation/linear_gm.py", "synsets/pyramid.py", "synsets/base.py", "synsets/pixels.py",
-                  "augmentation/__init__.py")
 SETTINGS = dict(classes=10, ipc=1, syn_res=128, crop_res=112, copies=3, lr=2e-3, feat_dim=384)
-SED = ("sed -i -e 's/\\.cuda([^)]*)//g' -e 's/device=\"cuda\"/device=\"cpu\"/g' "
-       "distillation/linear_gm.py synsets/*.py augmentation/__init__.py")
-
-
-def check_official(root: pathlib.Path) -> pathlib.Path:
-    """``root/src`` of a CPU-ready copy of the official code, or SystemExit saying what to do."""
-    src = root / "src"
-    missing = [f for f in OFFICIAL_FILES if not (src / f).is_file()]
-    if missing:
-        raise SystemExit(f"--official={root}: no official LGM checkout there (missing src/{missing[0]}); "
-                         "git clone https://github.com/GeorgeCazenavette/linear-gradient-matching")
-    for f in OFFICIAL_FILES:
-        text = (src / f).read_text()
-        if ".cuda(" in text or 'device="cuda"' in text:
-            raise SystemExit(f"{src / f} still moves tensors to CUDA; make the copy CPU-ready first: "
-                             f"cd {src} && {SED}")
-    return src
-
-
-def _module(name: str, **attrs) -> types.ModuleType:
-    mod = types.ModuleType(name)
-    mod.__dict__.update(attrs)
-    sys.modules[name] = mod
-    return mod
-
-
-def _load_file(name: str, path: pathlib.Path) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def official_step(src: pathlib.Path, backbone_dir: str, frozen: bool, attention: str):
     """Their ``LinearGM`` with the step's parts in place; returns a function running one step.
 
@@ -99,22 +58,14 @@ def official_step(src: pathlib.Path, backbone_dir: str, frozen: bool, attention:
     import torch
     from transformers import Dinov2Model
 
-    sys.path.insert(0, str(src))
-    _module("wandb", log=lambda *a, **k: None)
-    _module("config", DistillCfg=object)
-    _module("data")
-    _module("data.dataloaders", BaseRealDataset=object, get_dataset=None)
-    _module("my_utils")
-    _module("my_utils.log_utils", log_images=lambda **k: None)
-    linear = _load_file("official_linear_classifier", src / "models" / "linear_classifier.py")
+    def make_get_fc(linear):
+        def get_fc(num_feats, num_classes, distributed):  # their models.get_fc, minus .cuda()/DataParallel
+            return linear.LinearClassifier(dim=num_feats, num_labels=num_classes).eval()
+        return get_fc
 
-    def get_fc(num_feats, num_classes, distributed):  # their models.get_fc, minus .cuda()/DataParallel
-        return linear.LinearClassifier(dim=num_feats, num_labels=num_classes).eval()
-
-    _module("models", get_fc=get_fc, get_model=None)
+    linear_gm = official_lgm.load_step(src, make_get_fc).linear_gm
     from augmentation import get_augmentor
     from synsets.pyramid import PyramidDataset
-    linear_gm = _load_file("official_linear_gm", src / "distillation" / "linear_gm.py")
 
     s = SETTINGS
     cfg = types.SimpleNamespace(
@@ -191,7 +142,7 @@ def jdd_step(backbone_dir: str, real_source: str):
 def worker(args) -> dict:
     """One arm in this process: build, warm up, time; prints one JSON line."""
     if args.arm.startswith("official"):
-        run = official_step(check_official(pathlib.Path(args.official)), args.backbone,
+        run = official_step(official_lgm.check_official(pathlib.Path(args.official)), args.backbone,
                             frozen=args.arm == "official-frozen", attention=args.torch_attention)
     else:
         run = jdd_step(args.backbone, "cache" if args.arm == "jdd-cache" else "backbone")
@@ -230,7 +181,7 @@ def main():
     if unknown:
         raise SystemExit(f"--arms: unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
     if any(a.startswith("official") for a in arms):
-        check_official(pathlib.Path(args.official or "."))  # fail before any timing
+        official_lgm.check_official(pathlib.Path(args.official or "."))  # fail before any timing
     rows = []
     for r in range(args.rounds):
         for arm in arms:

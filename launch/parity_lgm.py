@@ -1,12 +1,7 @@
 """jdd's LGM against the official PyTorch code, step for step, on identical inputs: relative differences.
 
 The official code is GeorgeCazenavette/linear-gradient-matching; it is not part of this project. Bring a
-copy and make its step's files CPU-ready (they call ``.cuda()``), outside this repository:
-
-    git clone https://github.com/GeorgeCazenavette/linear-gradient-matching /tmp/lgm_official
-    cd /tmp/lgm_official/src && sed -i -e 's/\\.cuda([^)]*)//g' -e 's/device="cuda"/device="cpu"/g' \\
-        distillation/linear_gm.py synsets/*.py augmentation/__init__.py augmentation/ops/*.py
-    pip install einops tqdm
+CPU-ready copy as launch/official_lgm.py says, then:
 
     nice -n 10 python launch/parity_lgm.py --official=/tmp/lgm_official --backbone=.cache/dinov2s \\
         --data=../shared/data/imagenette --json=parity_lgm.json
@@ -36,21 +31,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
-import sys
 import types
 
 import numpy as np
 
+import official_lgm  # launch/official_lgm.py
+
 SETTINGS = dict(classes=10, ipc=1, syn_res=128, crop_res=112, copies=3, lr=2e-3, extent=25, adam_steps=10,
                 draws=1000)
-STEP_FILES = ("distillation/linear_gm.py", "synsets/pyramid.py", "synsets/base.py", "augmentation/__init__.py",
-              "augmentation/standard_aug.py", "augmentation/ops/random_resized_crop.py",
-              "augmentation/ops/random_horizontal_flip.py", "augmentation/ops/random_gaussian_noise.py",
-              "models/linear_classifier.py")
 # The pinned augmentation (module doc), as jdd augment options.
 PINNED = dict(flip_p=1.0, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0), noise_p=1.0, noise_std=0.0, noise_mean=0.5)
 
@@ -71,54 +62,15 @@ def nhwc(t):
 
 # ------------------------------------------------------------------------------------ official side
 
-def official_src(root: str) -> pathlib.Path:
-    """``root/src`` of a CPU-ready copy, or SystemExit naming what to do."""
-    src = pathlib.Path(root) / "src"
-    missing = [f for f in STEP_FILES if not (src / f).is_file()]
-    if missing:
-        raise SystemExit(f"--official={root}: no official LGM checkout there (missing src/{missing[0]}); "
-                         "git clone https://github.com/GeorgeCazenavette/linear-gradient-matching")
-    for f in STEP_FILES:
-        if ".cuda(" in (src / f).read_text() or 'device="cuda"' in (src / f).read_text():
-            raise SystemExit(f"{src / f} still moves tensors to CUDA; make the copy CPU-ready first (see "
-                             f"python {__file__} --help)")
-    return src
-
-
-def _stub(name: str, **attrs):
-    mod = types.ModuleType(name)
-    mod.__dict__.update(attrs)
-    sys.modules[name] = mod
-    return mod
-
-
-def _load(name: str, path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def official_modules(src: pathlib.Path) -> types.SimpleNamespace:
-    """Their step's modules, loaded as shipped; the package ``__init__`` files that pull in every dataset,
-    model and logger they support (wandb, clip, torchvision datasets) are replaced by names-only stubs."""
-    sys.path.insert(0, str(src))
-    _stub("wandb", log=lambda *a, **k: None)
-    _stub("config", DistillCfg=object)
-    _stub("data")
-    _stub("data.dataloaders", BaseRealDataset=object, get_dataset=None)
-    _stub("my_utils")
-    _stub("my_utils.log_utils", log_images=lambda **k: None)
-    linear = _load("official_linear_classifier", src / "models" / "linear_classifier.py")
+    """Their step's modules (``official_lgm.load_step``); their ``get_fc`` returns the shared head."""
     head = {}
-    _stub("models", get_model=None, get_fc=lambda num_feats, num_classes, distributed: head["fc"])
+    step = official_lgm.load_step(src, lambda linear: lambda num_feats, num_classes, distributed: head["fc"])
     import augmentation
     from augmentation import ops
     from synsets.pyramid import PyramidDataset
-    gm = _load("official_linear_gm", src / "distillation" / "linear_gm.py")
-    return types.SimpleNamespace(LinearClassifier=linear.LinearClassifier, head=head, augmentation=augmentation,
-                                 ops=ops, PyramidDataset=PyramidDataset, LinearGM=gm.LinearGM)
+    return types.SimpleNamespace(LinearClassifier=step.linear.LinearClassifier, head=head, augmentation=augmentation,
+                                 ops=ops, PyramidDataset=PyramidDataset, LinearGM=step.linear_gm.LinearGM)
 
 
 class ClsToken:
@@ -220,7 +172,6 @@ def step_section(o, j, official_backbone, levels, real, head_w) -> dict:
     """Decoded images, match loss, per-level gradients, images after 1 and 10 Adam steps, growth."""
     import jax
     import jax.numpy as jnp
-    import torch
 
     from jdd import loop, parallel, step as step_lib, synsets
     s, out = SETTINGS, {}
@@ -413,7 +364,7 @@ def main():
     ap.add_argument("--data", default="", help="Imagenette ImageFolder root for the real batch ('' = random pixels)")
     ap.add_argument("--json", required=True, help="write the relative differences here")
     args = ap.parse_args()
-    src = official_src(args.official)
+    src = official_lgm.check_official(args.official)
     if not os.path.isfile(os.path.join(args.backbone, "config.json")):
         raise SystemExit(f"--backbone={args.backbone}: no Hugging Face checkpoint there (config.json missing)")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

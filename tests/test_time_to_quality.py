@@ -1,4 +1,4 @@
-"""launch/time_to_quality.py on hand-written metrics, and the official-code checks of bench_lgm_official."""
+"""launch/time_to_quality.py on hand-written metrics, and the official-code checks of launch/official_lgm.py."""
 import json
 import os
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "launch"))
-import bench_lgm_official  # noqa: E402
+import official_lgm  # noqa: E402
 import time_to_quality as ttq  # noqa: E402
 
 
@@ -56,12 +56,12 @@ def test_a_run_without_tracking_is_refused(tmp_path):
 
 def test_official_copy_checks_name_the_fix(tmp_path):
     with pytest.raises(SystemExit, match="no official LGM checkout"):
-        bench_lgm_official.check_official(tmp_path)
+        official_lgm.check_official(tmp_path)
     src = tmp_path / "src"
-    for f in bench_lgm_official.OFFICIAL_FILES:
+    for f in official_lgm.OFFICIAL_FILES:
         (src / f).parent.mkdir(parents=True, exist_ok=True)
         (src / f).write_text("x = 1\n")
-    assert bench_lgm_official.check_official(tmp_path) == src
+    assert official_lgm.check_official(tmp_path) == src
     (src / "synsets" / "pyramid.py").write_text('level = torch.randn((1, 3), device="cuda")\n')
     with pytest.raises(SystemExit, match="still moves tensors to CUDA.*sed -i"):
-        bench_lgm_official.check_official(tmp_path)
+        official_lgm.check_official(tmp_path)
