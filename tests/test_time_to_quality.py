@@ -58,7 +58,7 @@ def test_official_copy_checks_name_the_fix(tmp_path):
     with pytest.raises(SystemExit, match="no official LGM checkout"):
         official_lgm.check_official(tmp_path)
     src = tmp_path / "src"
-    for f in official_lgm.OFFICIAL_FILES:
+    for f in official_lgm.STEP_FILES:
         (src / f).parent.mkdir(parents=True, exist_ok=True)
         (src / f).write_text("x = 1\n")
     assert official_lgm.check_official(tmp_path) == src
