@@ -7,10 +7,11 @@ TFDS ``imagenette`` builder; ``backbone``: a local Hugging Face checkpoint dir o
 Real features come from a feature cache, so a step only encodes the synthetic copies.
 
 What it runs: 1 image per class (10 images, 112 px pixels, centroid start), 1 augmented copy a step,
-up to 1000 steps within a 20-minute budget (caches and compilation included), the best set on the
-train-split tracking probe kept; then the LGM evaluation protocol (1000 epochs, 5 seeds) on val.
+until its 20-minute budget (caches and compilation included) or a tracker plateau, the best set on
+the train-split tracking probe kept; then the LGM evaluation protocol (1000 epochs, 5 seeds) on val.
 
-What to expect (2-core CPU, no accelerator, 2026-12-01, docs/results.md): top-1 **63.30 +- 0.21**
+What to expect (2-core CPU, no accelerator, 2026-12-01, docs/results.md; measured with a 1000-step
+cap, before the plateau stop; the budget/plateau stop is not re-measured): top-1 **63.30 +- 0.21**
 under the LGM protocol, against 42.2 +- 0.7 for the class centroids it starts from and 87.3 for a probe
 on all train images; 1000 steps in 12.7 min on one core, + 4.6 min to build the train feature cache,
 ~16 min for the evaluation. On an accelerator: not measured here. ``runlocal``: a 2.7-minute smoke run.

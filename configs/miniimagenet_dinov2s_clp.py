@@ -23,8 +23,8 @@ a step costs 2.1x more (forward + backward to the images, measured), i.e. half t
 Everything else is the Imagenette config's (configs/imagenette_dinov2s_clp.py, but 2 copies a step),
 so that what changes with the number of classes is measured, not tuned away.
 
-What it runs: 100 images (1 per class, centroid start), up to 1000 steps within a 20-minute budget
-(caches and compilation included), the best tracked set kept; evaluation in features mode (5 seeds).
+What it runs: 100 images (1 per class, centroid start), until its 20-minute budget
+(caches and compilation included) or a tracker plateau, the best tracked set kept; evaluation in features mode (5 seeds).
 
 What to expect (2-core CPU shared with other jobs, 2026-12-01, docs/results.md): 110 steps in the 20
 minutes (~11 s a step), top-1 **16.1 +- 0.1** (features mode) against 10.6 +- 0.1 for the class

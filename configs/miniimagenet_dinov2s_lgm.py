@@ -24,7 +24,7 @@ Everything else is the Imagenette config's (configs/imagenette_dinov2s_lgm.py), 
 re-validated at C = 100 on the train split (copies, real features, heads, lr: see get_config).
 
 What it runs: 100 images (1 per class, centroid start), 2 augmented copies a step, lr 1e-2, cached real
-features with 8 random heads a step, up to 600 steps within a 20-minute budget, the best tracked set
+features with 8 random heads a step, until its 20-minute budget or a tracker plateau, the best tracked set
 kept; evaluation in features mode (5 seeds).
 
 What to expect (2-core CPU, quiet, 2026-12-01, docs/results.md): 130 steps in the 20 minutes (~9.8 s a

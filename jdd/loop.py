@@ -458,6 +458,8 @@ def distill(*, spec: step_lib.StepSpec, method, mesh, backbone_params, embed, sc
                 progress.refresh_clock()
             writer.write(done, m)
             post["loss"] = f"{m['loss']:.4g}"
+            if schedule.budget_minutes > 0:  # the bar's ETA counts the step cap; the budget usually ends first
+                post["budget"] = f"{minutes():.1f}/{schedule.budget_minutes:g} min"
             bar.set_postfix(post)
         bar.update(1)
         if score and (done % schedule.track_every == 0 or done == schedule.steps):
