@@ -15,8 +15,8 @@ What it runs: 1 image per class (10 images, 112 px pixels, centroid start), 3 au
 until its 20-minute budget (the feature cache built inside it) or a tracker plateau, the best set
 on the train-split tracking probe kept; then the LGM evaluation protocol (1000 epochs, 5 seeds) on val.
 
-What to expect (2-core CPU, no accelerator, 2026-12-01, docs/results.md; measured with a 600-step cap,
-before the plateau stop): top-1 **53.85 +- 0.27**
+What to expect (2-core CPU, no accelerator, 2026-12-01, docs/results.md; measured with steps=600 and
+no plateau stop): top-1 **53.85 +- 0.27**
 under the LGM protocol (class centroids 42.2 +- 0.7); 20.0 min: 4.6 min building the train feature cache,
 then 520 of the 600 steps; ~16 min for the evaluation. On an accelerator: not measured here.
 """
