@@ -28,6 +28,15 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # The fast tier (-m "not slow") is compile-bound: many tiny programs, each compiled once and run
+    # a few times, so XLA's optimisation passes cost more than they save there. The full suite keeps
+    # them: its long runs execute what they compile.
+    if "not slow" in (config.getoption("markexpr", "") or ""):
+        jax.config.update("jax_disable_most_optimizations", True)
+
 # .ci/run runs with CI=true: there, a test tool that the CI script installs (timm, torch) being
 # missing is a failure, not a skip, so a broken install step cannot pass as a green run.
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
