@@ -78,6 +78,7 @@ def newton_logreg(x, y, num_classes, l2, iters=30):
     return theta[:d], theta[d]
 
 
+@pytest.mark.slow
 def test_lbfgs_fit_reaches_the_newton_optimum():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(90, 4))

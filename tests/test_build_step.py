@@ -14,8 +14,8 @@ def _built(method, source, **kw):
                                   mesh=parallel.make_mesh(1), **kw)
 
 
-@pytest.mark.parametrize("method,source", [("clp", "cache"), pytest.param("lgm", "backbone", marks=pytest.mark.slow),
-                                           pytest.param("sfm", "none", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the fast tier runs the loop through tests/test_engine.py
+@pytest.mark.parametrize("method,source", [("clp", "cache"), ("lgm", "backbone"), ("sfm", "none")])
 def test_built_step_runs_on_inputs_of_the_runs_shapes(method, source):
     c, bb, built = _built(method, source, full_pyramid=True, cache_rows=12)
     state, consts, _, real = built.args

@@ -45,7 +45,8 @@ def _probe_accuracy(zs, ys, val):
     return float(linear.accuracy(linear.logits(fit, val[0]), val[1]))
 
 
-@pytest.mark.parametrize("name", sorted(methods.METHODS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("bptt", "mtt") else n  # unrolled: slowest
+                                  for n in sorted(methods.METHODS)])
 def test_method_fixes_a_bad_synthetic_set(name):
     m = methods.get(name)
     cfg = m.default_config()

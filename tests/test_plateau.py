@@ -91,7 +91,8 @@ def test_an_improving_run_goes_to_its_step_cap_or_budget(tiny_data, tmp_path, mo
     assert "stopped: time budget of 1e-09 min at step 2" in stop["message"]
 
 
-@pytest.mark.parametrize("keep_best", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.slow
+@pytest.mark.parametrize("keep_best", [False, True])
 def test_resume_keeps_the_plateau_decision(tiny_data, tmp_path, keep_best):
     """Interrupted at step 2 (a smaller step cap), resumed with the full cap: the plateau counter is
     rebuilt from the logged tracks, so the run stops at step 4 with the uninterrupted run's set; a

@@ -106,6 +106,7 @@ def test_bank_keys_in_the_run_config():
     assert rules["eval.bank_views"].allowed.test(8) and not rules["eval.bank_views"].allowed.test(0)
 
 
+@pytest.mark.slow  # a whole tiny run
 def test_a_run_evaluated_with_the_bank_says_so_in_its_results(tmp_path):
     """eval.mode=bank through a run: results.json and results.md name the protocol "view bank K=2"."""
     import json

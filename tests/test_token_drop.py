@@ -28,7 +28,8 @@ def _apply(backbone, images, token_keep=None):
     return backbone.module.apply({"params": backbone.params}, images, token_keep=token_keep)
 
 
-@pytest.mark.parametrize("family", [f if f == "dinov2" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILY_NAMES])
+@pytest.mark.slow  # the fast tier keeps the gradient and position tests below
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_fraction_one_is_the_plain_forward_and_fewer_tokens_otherwise(family):
     backbone = bb.create(family, "test")
     images = _images()
@@ -83,7 +84,7 @@ def test_per_image_keys_make_each_subset_independent_of_the_batch():
 
 
 @pytest.mark.parametrize("family", ["dinov2", pytest.param("siglip", marks=pytest.mark.slow),  # class token; none
-                                    "eva02"])  # (MAP pooling); rope
+                                    pytest.param("eva02", marks=pytest.mark.slow)])  # (MAP pooling); rope
 def test_gradient_is_zero_exactly_at_dropped_patches(family):
     backbone = bb.create(family, "test")
     images = _images()
