@@ -8,24 +8,7 @@ import torch
 from jdd import augment, backbones, probe
 from jdd.methods import linear
 
-N, C, D, RES = 7, 3, 6, 16          # 7 images, batch 3 -> steps of 3, 3 and 1 (a partial last batch)
-PROJ = np.random.default_rng(0).normal(size=(RES * RES * 3, D)) / 8.0
-
-
-def embed_np(x):
-    """Stand-in frozen backbone in float64 (the reference)."""
-    return np.tanh(x.reshape(x.shape[0], -1) @ PROJ)
-
-
-def embed_jax(x):
-    return jnp.tanh(x.reshape(x.shape[0], -1) @ jnp.asarray(PROJ, jnp.float32))
-
-
-def flip_shift(key, image):
-    """Stand-in augmentation (cheap to compile): random flip and random cyclic shift of one image."""
-    kf, ks = jax.random.split(key)
-    image = jnp.where(jax.random.bernoulli(kf), image[:, ::-1], image)
-    return jnp.roll(image, jax.random.randint(ks, (2,), 0, RES), axis=(0, 1))
+from _probe_standins import C, D, N, RES, embed_jax, embed_np, flip_shift
 
 
 def small_cfg(**kw):

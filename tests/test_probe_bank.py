@@ -9,20 +9,8 @@ from jax.tree_util import Partial
 from jdd import config as jc
 from jdd import evaluators, probe, validation
 
-N, C, D, RES = 7, 3, 6, 16
-PROJ = np.random.default_rng(0).normal(size=(RES * RES * 3, D)) / 8.0
-
-
-def embed(x):
-    """Stand-in frozen backbone (cheap to compile)."""
-    return jnp.tanh(x.reshape(x.shape[0], -1) @ jnp.asarray(PROJ, jnp.float32))
-
-
-def flip_shift(key, image):
-    """Stand-in augmentation: random flip and random cyclic shift of one image."""
-    kf, ks = jax.random.split(key)
-    image = jnp.where(jax.random.bernoulli(kf), image[:, ::-1], image)
-    return jnp.roll(image, jax.random.randint(ks, (2,), 0, RES), axis=(0, 1))
+from _probe_standins import C, D, N, RES, flip_shift
+from _probe_standins import embed_jax as embed
 
 
 def cfg_of(**kw):
