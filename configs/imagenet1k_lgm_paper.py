@@ -7,8 +7,7 @@ per-dataset choice: 3 augmented copies a step (its README: "For imagenet-1k, we 
 --augs_per_batch > 3 due to memory constraints"), so 3 real images per class a step. ``data``: the
 TFDS data_dir holding the prepared ``imagenet2012`` or an ImageFolder root with train/ and val/.
 The remaining differences from the official code, with reasons, are those listed in
-configs/imagenette_dinov2s_lgm_paper.py (class-balanced real batches matter more here: ImageNet
-classes hold 732 to 1300 training images).
+configs/imagenette_dinov2s_lgm_paper.py.
 """
 from jdd import config as jc
 

@@ -6,7 +6,8 @@ Every setting is the official code's default (`jdd.config.lgm_paper` lists them,
 steps, a 256 px pyramid from noise growing every 200 steps (old levels rescaled, new level randn /
 levels, Adam re-created), 10 augmented copies a step cropped to 224 px by the official crop (`rrc_lgm`)
 with flip and noise N(0.5, 0.2^2) on half the images, 1 random head a step, Adam 2e-3, and an augmented
-real batch (ipc x 10 images per class, resized and randomly cropped to 256 px) encoded every step.
+real batch (ipc x 10 x classes images drawn from the shuffled split, so class counts vary per step,
+as the official loader's; resized and randomly cropped to 256 px) encoded every step.
 The official code names this dataset `imagenet-imagenette`; `backbone` defaults to ViT-S/14
 (their `dinov2_vits`; the paper's main runs use ViT-B, `facebook/dinov2-base`).
 
@@ -15,10 +16,10 @@ The official code names this dataset `imagenet-imagenette`; `backbone` defaults 
 (30 real images a step); every other setting as above.
 
 Remaining differences from the official code, each with its reason:
-- Real batches are class-balanced (ipc x copies images of every class), the official loader is a
-  shuffled one (random class counts per batch): jdd addresses real batches by step so that a resumed
-  run replays the same trajectory. On Imagenette (about 950 images a class) the expected real gradient
-  is nearly the same.
+- The shuffled real batches are drawn from a permutation of the split fixed by (seed, epoch)
+  (`real.sampling=shuffled`, `jdd.data.shuffled_batches`) so that a resumed run replays the same
+  batches; the official DataLoader reshuffles each pass from torch's generator. Same distribution.
+- The official loop runs steps 0..iterations, one step more than `steps` (5001 against 5000).
 - Real images are decoded by PIL with JPEG draft mode and resized with the long side rounded
   (`jdd.data.images`); torchvision decodes at full size and truncates the long side: a faster loader,
   differing by a pixel of the long side and JPEG's DCT downscaling.

@@ -90,7 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
         grow_mode="lgm",       # pyramid: "lgm" rescales old levels and adds a noise level (the paper's
                                # code); "exact" adds a zero level, leaving the images unchanged
         decorrelate=True,      # fixed colour-decorrelation matrix before the sigmoid (LGM)
-        init="noise",          # "noise", "real" (random real images) or "centroid" (nearest the class means)
+        init="noise",          # "noise", "real" (random real images), "centroid" (nearest the class means)
+                               # or "greedy" (from the centroid picks, coordinate descent on CLP's outer
+                               # loss in feature space: jdd.selection.greedy_indices)
+        greedy_candidates=32,  # greedy: images of a class tried in each of its slots (nearest its mean)
+        greedy_sweeps=2,       # greedy: passes over the slots (ends early when none changed)
+        greedy_real_per_class=20,  # greedy: training features per class the CLP loss is scored on
         lr=2e-3,               # Adam learning rate of the image parameters
         lr_warmup=0,           # steps of linear learning-rate warm-up from 0 (every optimiser; 0 = none)
         lr_decay="none",       # "none" | "cosine" | "linear": every learning rate decays to lr_final x itself
@@ -130,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.real = dict(
         source="backbone",     # "backbone": encode an augmented real batch every step; "cache": feature cache
         per_class=0,           # real images per class per step; 0 = ipc * copies (LGM)
+        sampling="balanced",   # backbone source: "balanced" (per_class images of every class a step) or
+                               # "shuffled" (C * per_class images drawn epoch by epoch from the whole split,
+                               # so class counts vary per step: the official LGM loader). Both resume by step.
         crop_res=0,            # backbone source: the real batch's random square crop before augmentation;
                                # 0 = data.crop_res; the official LGM code crops data.real_res
         cache_views=1,         # cache: augmented views per real image (1 = plain eval preprocessing)
@@ -252,7 +260,8 @@ def lgm_paper(config: ml_collections.ConfigDict) -> None:
       (`init_optimizer` there); colour decorrelation, then sigmoid(2x) (`decode_pyramid`).
     - 10 augmented copies a step (`augs_per_batch`); `AugStandard`: flip, the official crop (`rrc_lgm`:
       scale 0.08-1, grid_sample, zero fill) to 224 px, noise N(0.5, 0.2^2) on each image with p 0.5.
-    - Real side: ipc * copies * classes images a step, resized to 256 (shorter side), randomly cropped to
+    - Real side: ipc * copies * classes images a step from the shuffled split (`DataLoader(shuffle=True)`,
+      `real.sampling="shuffled"`: class counts vary per step), resized to 256 (shorter side), randomly cropped to
       256 (`data/dataloaders/*`: train crop_res = res), then one `AugStandard` view each, encoded every step
       (`distillation/linear_gm.py:LinearGM.get_real_grad`).
     """
@@ -263,7 +272,7 @@ def lgm_paper(config: ml_collections.ConfigDict) -> None:
                       reset_opt_on_grow=True, learn_images=True, learn_labels=False)
     config.augment.update(ops="flip,rrc_lgm,noise", copies=10, rrc_scale=(0.08, 1.0), noise_std=0.2,
                           noise_mean=0.5, augment_real=True)
-    config.real.update(source="backbone", per_class=0, crop_res=256)
+    config.real.update(source="backbone", per_class=0, crop_res=256, sampling="shuffled")
     set_method(config, "lgm")
     config.method.update(head_std=0.01, num_heads=1)
     config.backbone.update(feature="embedding", dtype="float32")

@@ -104,8 +104,8 @@ def validate(config, train, backbone, mesh) -> None:
         c = int(counts.argmin())
         raise ValueError(f"syn.ipc = {config.syn.ipc} but class {train.class_names[c]!r} has only "
                          f"{counts[c]} training images; lower syn.ipc or use syn.init=noise")
-    if config.syn.init not in ("noise", "real", "centroid"):
-        raise ValueError(f"syn.init must be 'noise', 'real' or 'centroid', got {config.syn.init!r}")
+    if config.syn.init not in validation.INITS:
+        raise ValueError(f"syn.init must be one of {validation.INITS}, got {config.syn.init!r}")
     if not config.syn.learn_images and not config.syn.learn_labels:
         raise ValueError("syn.learn_images=False leaves nothing to learn: set syn.learn_labels=True (the "
                          "label-only baseline) or learn the images")

@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 
 from jdd import context, data, evaluators, loop, parallel, results as results_lib, sets, signals, step as step_lib
-from jdd import workdir as workdir_lib
+from jdd import methods, workdir as workdir_lib
+from jdd.methods import clp
 
 log = logging.getLogger("jdd")
 
@@ -70,7 +71,7 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
     """The optimisation of ``ctx``'s run (resumed when its workdir has checkpoints); the host set."""
     c, spec, method = ctx.config, ctx.spec, ctx.method
     key = jax.random.PRNGKey(c.seed)
-    plain = train_cache(ctx) if (c.syn.init == "centroid" or c.eval.track_every) else None
+    plain = train_cache(ctx) if (c.syn.init in ("centroid", "greedy") or c.eval.track_every) else None
 
     real_cache, consts, batches = None, {}, None
     if spec.real_source == "cache" or method.prepare is not None:
@@ -82,14 +83,23 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
             consts = method.prepare(jax.random.fold_in(key, 1 << 20), feats, cache.labels, spec.num_classes,
                                     spec.method_cfg)
     if spec.real_source == "backbone":
-        batches = lambda start: data.balanced_batches(  # noqa: E731
-            ctx.train, spec.real_per_class, real_res=c.data.real_res, crop_res=c.real.crop_res or c.data.crop_res,
+        # balanced: per_class of every class; shuffled: as many, drawn from the whole split (the LGM loader)
+        per_step = spec.real_per_class if c.real.sampling == "balanced" else spec.real_per_class * spec.num_classes
+        sampler = data.balanced_batches if c.real.sampling == "balanced" else data.shuffled_batches
+        batches = lambda start: sampler(  # noqa: E731
+            ctx.train, per_step, real_res=c.data.real_res, crop_res=c.real.crop_res or c.data.crop_res,
             seed=c.seed, train=True, start_step=start, process_index=jax.process_index(),
             process_count=jax.process_count(), workers=c.data.workers or None)
 
+    set_loss = None
+    if c.syn.init == "greedy":  # CLP's outer loss with the run's CLP settings (CLP's defaults for other methods)
+        clp_cfg = spec.method_cfg if c.method_name == "clp" else methods.get("clp").default_config()
+        set_loss = clp.set_loss_fn(plain.view(0), plain.labels, spec.num_classes, c.syn.ipc, clp_cfg,
+                                   real_per_class=c.syn.greedy_real_per_class, seed=c.seed)
     init_images = loop.initial_images(
         c.syn.init, ctx.train, ipc=c.syn.ipc, res=c.syn.res, real_res=c.data.real_res, crop_res=c.data.crop_res,
-        seed=c.seed, train_feats=plain.view(0) if plain else None, train_labels=plain.labels if plain else None)
+        seed=c.seed, train_feats=plain.view(0) if plain else None, train_labels=plain.labels if plain else None,
+        set_loss=set_loss, candidates=c.syn.greedy_candidates, sweeps=c.syn.greedy_sweeps)
     feat_dim = int(jax.eval_shape(ctx.embed, jax.ShapeDtypeStruct((1, c.data.crop_res, c.data.crop_res, 3),
                                                                   jnp.float32)).shape[-1])
     score = None

@@ -132,17 +132,25 @@ def stop_record(reason: str, step: int, schedule: Schedule, minutes: float, plat
 # ----------------------------------------------------------------------------------------- state
 
 def initial_images(init: str, source, *, ipc: int, res: int, real_res: int, crop_res: int, seed: int,
-                   train_feats=None, train_labels=None) -> np.ndarray | None:
+                   train_feats=None, train_labels=None, set_loss=None, candidates: int = 32,
+                   sweeps: int = 2) -> np.ndarray | None:
     """Initial images [M, res, res, 3] (class-major) or None for noise.
 
     "real": random real images of each class; "centroid": the real images nearest each class-mean
     feature (herding for ipc > 1; needs the cached ``train_feats`` / ``train_labels``), so the run
-    starts from the strongest real-image baseline and every step has to improve on it.
+    starts from the strongest real-image baseline and every step has to improve on it; "greedy": from
+    the centroid picks, ``selection.greedy_indices`` on ``set_loss`` (e.g. ``methods.clp.set_loss_fn``).
     """
     if init == "noise":
         return None
-    if init == "centroid":
+    if init in ("centroid", "greedy"):
         idx = selection.centroid_indices(train_feats, train_labels, source.num_classes, ipc)
+        if init == "greedy":
+            t0, start = time.perf_counter(), idx
+            idx = selection.greedy_indices(train_feats, train_labels, source.num_classes, ipc, set_loss,
+                                           start=start, candidates=candidates, sweeps=sweeps)
+            log.info("greedy start: %d of %d picks differ from the centroid start (%.1f s)",
+                     int(np.sum(idx != start)), len(idx), time.perf_counter() - t0)
     else:
         idx = data.class_samples(source, ipc, seed=seed).reshape(-1)
     return data.load_images(source, idx, real_res=max(res, round(res * real_res / crop_res)),

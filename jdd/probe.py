@@ -493,7 +493,14 @@ def evaluate(key, images, labels, embed_fn: Callable, test_feats, test_labels, *
     if np.shape(labels)[0] != images.shape[0]:
         raise ValueError(f"{np.shape(labels)[0]} labels for {images.shape[0]} images")
     embed_fn = embed_fn if isinstance(embed_fn, Partial) else Partial(embed_fn)
-    out = jax.eval_shape(embed_fn, images[:1])
+    if cfg.mode != "features":
+        augment_fn = default_augment_fn(cfg) if augment_fn is None else augment_fn
+        augment_fn = augment_fn if isinstance(augment_fn, Partial) else Partial(augment_fn)
+    # The backbone sees what the protocol feeds it: augmented views (cropped to out_res) outside
+    # features mode, so a set stored at a size the backbone cannot read (e.g. LGM's 256 px for a
+    # patch-14 ViT) is checked at the size of its views.
+    out = jax.eval_shape(embed_fn, images[:1]) if cfg.mode == "features" else jax.eval_shape(
+        lambda k, x: embed_fn(augment_fn(k, x)[None]), jax.random.PRNGKey(0), images[0])
     if len(out.shape) != 2:
         raise ValueError(f"embed_fn must return [B, D] features, got shape {out.shape}")
     check_test(test_feats, test_labels, out.shape[1], num_classes)
@@ -505,8 +512,6 @@ def evaluate(key, images, labels, embed_fn: Callable, test_feats, test_labels, *
         res["wall_time_s"] = time.perf_counter() - t0
         return res
     t0 = time.perf_counter()
-    augment_fn = default_augment_fn(cfg) if augment_fn is None else augment_fn
-    augment_fn = augment_fn if isinstance(augment_fn, Partial) else Partial(augment_fn)
     if cfg.mode == "bank":
         if cfg.bank_views < 1:
             raise ValueError(f"bank_views must be >= 1, got {cfg.bank_views}")

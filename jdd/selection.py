@@ -11,6 +11,10 @@ and the baselines share them without either importing the other.
   iCaRL): the k-th pick minimises ||mean_c - mean(picked + x)||, so the picks' mean tracks the class mean
   (pick 1 is the nearest to the mean); "nearest" takes the ipc images nearest the mean instead, which
   tend to be near-duplicates.
+- greedy: coordinate descent on a loss of the whole set's features (e.g. CLP's outer loss: a ridge
+  probe fitted on the picks, scored on real features), from a given start (the centroid picks): each
+  sweep visits every slot and puts there the candidate of its class (the images nearest the class
+  mean) that gives the lowest loss. Only features: no backward pass, no image is decoded.
 - neighbour: for each distilled image, the real image of the same class whose feature is nearest its
   feature (soft labels: the arg-max class). Two distilled images may share a neighbour; it is kept twice,
   so the set keeps the distilled set's size and labels.
@@ -61,6 +65,45 @@ def centroid_indices(train_feats, train_labels, num_classes: int, ipc: int,
             total += x[i]
         out.append(m[np.array(picked)])
     return np.concatenate(out).astype(np.int64)
+
+
+def greedy_indices(train_feats, train_labels, num_classes: int, ipc: int, set_loss, *, start,
+                   candidates: int = 32, sweeps: int = 2) -> np.ndarray:
+    """int [C*ipc]: the picks after ``sweeps`` rounds of coordinate descent on ``set_loss``.
+
+    set_loss(feats [B, C*ipc, D]) -> losses [B]: the loss of B candidate sets, each class-major with
+    ipc rows per class (the labels are implied). start: int [C*ipc] training indices, class-major (e.g.
+    ``centroid_indices``). Slot (c, r) tries the ``candidates`` images of class c nearest the class-mean
+    feature that are not picked elsewhere, and keeps the current pick unless one gives a lower loss, so
+    the loss never rises. A sweep ends early when no slot changed.
+    """
+    feats = np.asarray(train_feats, np.float32)
+    start = np.asarray(start, np.int64)
+    members = _class_members(train_labels, num_classes, ipc)
+    if start.shape != (num_classes * ipc,):
+        raise ValueError(f"start must hold {num_classes * ipc} indices (class-major), got shape {start.shape}")
+    pools = []
+    for c, m in enumerate(members):
+        x = feats[m].astype(np.float64)
+        near = m[np.argsort(np.linalg.norm(x - x.mean(0), axis=1), kind="stable")[:candidates]]
+        pools.append(near)
+    picks = start.copy()
+    current = float(np.asarray(set_loss(feats[picks][None]))[0])
+    for _ in range(sweeps):
+        changed = False
+        for slot in range(len(picks)):
+            pool = np.setdiff1d(pools[slot // ipc], np.delete(picks, slot))
+            if pool.size == 0:
+                continue
+            sets = np.repeat(feats[picks][None], len(pool), axis=0)
+            sets[:, slot] = feats[pool]
+            losses = np.asarray(set_loss(sets), np.float64)
+            best = int(np.argmin(losses))
+            if losses[best] < current and pool[best] != picks[slot]:
+                picks[slot], current, changed = pool[best], float(losses[best]), True
+        if not changed:
+            break
+    return picks
 
 
 def neighbour_indices(train_feats, train_labels, query_feats, query_labels) -> np.ndarray:

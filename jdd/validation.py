@@ -21,6 +21,9 @@ from typing import Any, Callable, Iterable
 
 import ml_collections
 
+# syn.init: where the images start (jdd.loop.initial_images)
+INITS = ("noise", "real", "centroid", "greedy")
+
 
 class ConfigError(ValueError):
     """A config value that a run cannot use; the message names the key and what is allowed."""
@@ -128,7 +131,10 @@ RULES: tuple[Rule, ...] = (
     Rule("syn.param", one_of(_parametrisations)),
     Rule("syn.extent", integer(1)),
     Rule("syn.grow_mode", one_of(("lgm", "exact"))),
-    Rule("syn.init", one_of(("noise", "real", "centroid"))),
+    Rule("syn.init", one_of(INITS)),
+    Rule("syn.greedy_candidates", integer(1), "greedy start: images per class tried in each slot"),
+    Rule("syn.greedy_sweeps", integer(1)),
+    Rule("syn.greedy_real_per_class", integer(1), "greedy start: training features per class the loss is scored on"),
     Rule("syn.lr", real(0.0, 1.0, lo_open=True), LR_WHY),
     Rule("syn.lr_warmup", integer(0)),
     Rule("syn.lr_decay", one_of(("none", "cosine", "linear"))),
@@ -149,6 +155,7 @@ RULES: tuple[Rule, ...] = (
     Rule("augment.token_keep_until", integer(0), "0 = drop tokens for the whole run"),
     Rule("real.source", one_of(("backbone", "cache"))),
     Rule("real.per_class", integer(0), "0 = syn.ipc * augment.copies"),
+    Rule("real.sampling", one_of(("balanced", "shuffled"))),
     Rule("real.cache_views", integer(1)),
     Rule("real.crop_res", integer(0, MAX_RES), "0 = data.crop_res"),
     Rule("parallel.num_devices", integer(0), "0 = all devices"),
@@ -270,6 +277,9 @@ def _cross(config) -> None:
     if real_crop is not _MISSING and real_crop and not g("data.crop_res") <= real_crop <= g("data.real_res"):
         raise refuse("real.crop_res", real_crop, f"0 or in [data.crop_res = {g('data.crop_res')}, data.real_res = "
                      f"{g('data.real_res')}]", "the real batch is cropped from the resized image, then augmented")
+    if g("real.sampling") == "shuffled" and g("real.source") != "backbone":
+        raise refuse("real.sampling", "shuffled", "balanced with real.source=cache",
+                     "shuffled draws the real images of real.source=backbone; the cache is sampled per class")
     if g("augment.copies") % g("augment.accum_chunks"):
         raise refuse("augment.accum_chunks", g("augment.accum_chunks"),
                      f"a divisor of augment.copies = {g('augment.copies')}", "the copies are encoded in equal chunks")

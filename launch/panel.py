@@ -6,9 +6,9 @@ member runs in its own process, one after the other (a shared machine), for equa
 (``--budget_minutes``, caches included; the configs' plateau stop may end a run earlier) or for a fixed
 number of steps (``--steps``: no budget, no plateau stop). Extra ``--config.KEY=VALUE`` arguments are
 the setting under test and go to every member. No test split is read: the number that decides is the
-train-split tracker (``track_top1``): at step 0 (the centroid start) and for the exported set (the
-tracked best with keep_best, else the last track), their difference is the member's gain, and the
-panel mean gain is the mean over members.
+train-split tracker (``track_top1``): at step 0 (the start: the centroid images in the shipped configs)
+and for the exported set (the tracked best with keep_best, else the last track), their difference is
+the member's gain, and the panel mean gain is the mean over members.
 
     python launch/panel.py --method clp --imagenette ../shared/data/imagenette \
         --miniimagenet ../shared/data/miniimagenet --backbone .cache/dinov2s --budget_minutes 20 \
@@ -108,7 +108,7 @@ def summarise(workdir: str) -> dict:
 
 def markdown(table: dict) -> str:
     lines = [f"Setting: {table['label']} ({table['how']}; {table['date']})", "",
-             "| member | start (centroid) | end | gain | end step | steps | minutes | stopped by |",
+             "| member | start (step 0) | end | gain | end step | steps | minutes | stopped by |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in table["members"].items():
         minutes = f"{r['minutes']:.1f}" if r["minutes"] is not None else ""

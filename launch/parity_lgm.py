@@ -21,7 +21,9 @@ on both sides. The "augmentation" section runs the official ``AugStandard`` unde
 its draws (flip: rand(B); crop: rand(B, 4); noise: rand(B), randn(B, 3, H, W), in that order) and feeds
 them to jdd's crop (``augment.lgm_crop_params`` + ``augment.grid_resized_crop``; flip and the noise sum
 are one line each here). The "distributions" section compares what cannot be shared: jdd's own random
-draws against the official ones, as mean and std over 1000 draws.
+draws against the official ones, as mean and std over 1000 draws. Two references put the Adam rows
+in scale: the official step in float64 (both float32 sides against it) and the official step against
+itself with its real batch reordered (float32 summation order alone).
 
 Output JSON: {"step": {name: rel_diff}, "augmentation": {...}, "distributions": {name: {"official":
 [mean, std], "jdd": [mean, std], "z": difference of the means in standard errors}}, "settings": {...}};
@@ -76,17 +78,22 @@ def official_modules(src: pathlib.Path) -> types.SimpleNamespace:
 class ClsToken:
     """The official backbone's output (torch-hub DINOv2: the normed class token) from the HF checkpoint."""
 
-    def __init__(self, backbone_dir: str):
+    def __init__(self, backbone_dir: str, float64: bool = False):
         from transformers import Dinov2Model
         self.model = Dinov2Model.from_pretrained(backbone_dir, attn_implementation="eager").eval()
         self.model.requires_grad_(False)
+        self.directory = backbone_dir
+        if float64:
+            self.model.double()
 
     def __call__(self, x):
         return self.model(pixel_values=x).pooler_output
 
 
-def official_gm(o, backbone, levels_nchw, real_nchw, head_w, pinned: bool):
-    """Their LinearGM (without __init__, which builds data loaders) holding the shared inputs."""
+def official_gm(o, backbone, levels_nchw, real_nchw, head_w, pinned: bool, order=None, float64: bool = False):
+    """Their LinearGM (without __init__, which builds data loaders) holding the shared inputs; ``order``
+    permutes the real batch (the same images and labels, summed in another order); ``float64`` runs
+    their step in double precision (the backbone passed must be double too)."""
     import torch
     s = SETTINGS
     cfg = types.SimpleNamespace(ipc=s["ipc"], lr=s["lr"], augs_per_batch=s["copies"], decorrelate_color=True,
@@ -103,6 +110,11 @@ def official_gm(o, backbone, levels_nchw, real_nchw, head_w, pinned: bool):
     with torch.no_grad():  # theirs is finest first
         for p, v in zip(ds.pyramid, reversed(levels_nchw)):
             p.copy_(v)
+    if float64:  # their tensors, as their code builds them, in double
+        ds.pyramid = [p.detach().double().requires_grad_(True) for p in ds.pyramid]
+        ds.color_correlation_svd_sqrt = ds.color_correlation_svd_sqrt.double()
+        ds.max_norm_svd_sqrt = ds.max_norm_svd_sqrt.double()
+        real_nchw = real_nchw.double()
     ds.optimizer = ds.init_optimizer()
     g.distilled_dataset = ds
     if pinned:
@@ -115,12 +127,14 @@ def official_gm(o, backbone, levels_nchw, real_nchw, head_w, pinned: bool):
         g.syn_augmentor = o.augmentation.get_augmentor(aug_mode="standard", crop_res=s["crop_res"])
         g.real_augmentor = o.augmentation.get_augmentor(aug_mode="standard", crop_res=s["crop_res"])
     labels = torch.arange(s["classes"]).repeat_interleave(s["ipc"] * s["copies"])
+    if order is not None:
+        real_nchw, labels = real_nchw[order], labels[order]
     g.train_iter = iter(lambda: (real_nchw, labels), None)  # the same real batch every step
     fc = o.LinearClassifier(dim=head_w.shape[0], num_labels=s["classes"]).eval()
     with torch.no_grad():
         fc.linear.weight.copy_(torch.from_numpy(head_w.T.copy()))  # theirs [C, D]
         fc.linear.bias.zero_()
-    o.head["fc"] = fc
+    o.head["fc"] = fc.double() if float64 else fc
     return g
 
 
@@ -216,15 +230,37 @@ def step_section(o, j, official_backbone, levels, real, head_w) -> dict:
 
     step = loop.jitted_step(j.spec, j.method, j.mesh, j.embed, donate=False)
     start = np.asarray(synsets.decode("pyramid", state["params"]["syn"], res=s["syn_res"]))
+    official_images, jdd_images = {}, {}
     for n in range(1, s["adam_steps"] + 1):
         state, _ = step(state, {}, bb, real_dev)
         if n > 1:
             g.match_gradients()
+        if n == 1:
+            out["largest_level_difference_after_1_adam_step"] = adam_knee(
+                state["params"]["syn"]["levels"], list(reversed(g.distilled_dataset.pyramid)), grads["syn"]["levels"])
         if n in (1, s["adam_steps"]):
-            ours = np.asarray(synsets.decode("pyramid", state["params"]["syn"], res=s["syn_res"]))
-            theirs = nhwc(g.distilled_dataset.decode_pyramid())
+            ours = jdd_images[n] = np.asarray(synsets.decode("pyramid", state["params"]["syn"], res=s["syn_res"]))
+            theirs = official_images[n] = nhwc(g.distilled_dataset.decode_pyramid())
             out[f"images_after_{n}_adam_steps"] = rel(ours, theirs)
             out[f"image_change_after_{n}_adam_steps"] = rel(ours - start, theirs - start)
+    # The float32 floor of those rows: the official code against itself, its real batch in reverse
+    # order (the same images and labels; only the order of the loss's sums changes).
+    g2 = official_gm(o, official_backbone, [nchw(x) for x in levels], nchw(real["image"]), head_w, pinned=True,
+                     order=np.arange(len(real["label"]))[::-1].copy())
+    for n in range(1, s["adam_steps"] + 1):
+        g2.match_gradients()
+        if n in (1, s["adam_steps"]):
+            out[f"official_vs_itself_reordered_images_after_{n}_adam_steps"] = rel(
+                nhwc(g2.distilled_dataset.decode_pyramid()), official_images[n])
+    # Both float32 sides against the official step in float64 (the same inputs, double precision).
+    g64 = official_gm(o, ClsToken(official_backbone.directory, float64=True), [nchw(x) for x in levels],
+                      nchw(real["image"]), head_w, pinned=True, float64=True)
+    for n in range(1, s["adam_steps"] + 1):
+        g64.match_gradients()
+        if n in (1, s["adam_steps"]):
+            exact = nhwc(g64.distilled_dataset.decode_pyramid())
+            out[f"official_float32_vs_float64_images_after_{n}_adam_steps"] = rel(official_images[n], exact)
+            out[f"jdd_float32_vs_official_float64_images_after_{n}_adam_steps"] = rel(jdd_images[n], exact)
     print(json.dumps(out, indent=1), flush=True)
 
     # Growth: a pyramid one level short grows at the step it is due; old levels rescaled, Adam re-created.
@@ -250,6 +286,21 @@ def step_section(o, j, official_backbone, levels, real, head_w) -> dict:
     out["images_after_growth_and_1_adam_step"] = rel(ours, theirs_img)
     out["image_change_after_growth_and_1_adam_step"] = rel(ours - before, theirs_img - before)
     return out
+
+
+def adam_knee(ours_levels, their_levels, our_grads, eps: float = 1e-8) -> dict:
+    """Where the two sides' levels differ most after one Adam step from the same start, and that entry's
+    gradient. Adam's first update is lr * g / (|g| + eps): for |g| well below eps it is lr / eps * g, so
+    a float32 rounding difference of the gradient there is multiplied by lr / eps (2e5 at lr 2e-3)."""
+    best = None
+    for k, (ours, p) in enumerate(zip(ours_levels, their_levels)):
+        diff = np.abs(np.asarray(ours) - nhwc(p.detach()))
+        i = np.unravel_index(int(diff.argmax()), diff.shape)
+        if best is None or diff[i] > best["level_difference"]:
+            tg, og = nhwc(p.grad)[i], np.asarray(our_grads[k])[i]
+            best = {"level": k, "level_difference": float(diff[i]), "official_grad": float(tg), "jdd_grad": float(og),
+                    "grad_over_eps": float(abs(tg) / eps), "level_max_grad": float(np.abs(nhwc(p.grad)).max())}
+    return best
 
 
 def official_draws(seed: int, batch: int, res: int):

@@ -44,6 +44,54 @@ def test_centroid_nearest_and_herding_pick_the_known_items():
     np.testing.assert_array_equal(one, [pos[(c, 0.0)] for c in range(3)])
 
 
+def test_greedy_finds_the_planted_optimum_and_never_raises_the_loss():
+    feats, labels, pos = _planted()
+    # The loss wants, in every class, the image at offset +1.2 (not the centroid pick at 0).
+    target = np.stack([feats[pos[(c, 1.2)]] for c in range(3)])
+    calls = []
+
+    def set_loss(sets):
+        calls.append(len(sets))
+        return ((np.asarray(sets) - target[None]) ** 2).sum((1, 2))
+
+    start = selection.centroid_indices(feats, labels, 3, 1)
+    got = selection.greedy_indices(feats, labels, 3, 1, set_loss, start=start, candidates=4, sweeps=3)
+    np.testing.assert_array_equal(got, [pos[(c, 1.2)] for c in range(3)])
+    assert len(calls) == 1 + 3 + 3  # the start, one sweep that moves every slot, one that moves none
+    # Candidates are the images nearest the class mean: with 2 of them (offsets 0 and +1) the best
+    # reachable pick is +1, and the loss is lower than the start's.
+    got2 = selection.greedy_indices(feats, labels, 3, 1, set_loss, start=start, candidates=2)
+    np.testing.assert_array_equal(got2, [pos[(c, 1.0)] for c in range(3)])
+    assert set_loss(feats[got2][None])[0] < set_loss(feats[start][None])[0]
+    # ipc 2: the two slots of a class never hold the same image.
+    two = selection.greedy_indices(feats, labels, 3, 2, lambda s: ((np.asarray(s) - np.repeat(target, 2, 0)[None])
+                                                                   ** 2).sum((1, 2)),
+                                   start=selection.centroid_indices(feats, labels, 3, 2), candidates=4)
+    assert all(len(set(two[2 * c:2 * c + 2])) == 2 for c in range(3))
+    assert sorted(pos[(0, 1.2)] == i for i in two[:2]) == [False, True]
+    with pytest.raises(ValueError, match="start must hold 3 indices"):
+        selection.greedy_indices(feats, labels, 3, 1, set_loss, start=start[:2])
+
+
+def test_greedy_on_clp_loss_lowers_clp_loss_and_matches_the_method_loss():
+    from jdd.methods import clp
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 8)) * 2
+    labels = np.repeat(np.arange(4), 30)
+    feats = (centres[labels] + rng.normal(size=(120, 8)) * 1.5).astype(np.float32)
+    cfg = clp.default_config()
+    set_loss = clp.set_loss_fn(feats, labels, 4, 1, cfg, real_per_class=30)
+    start = selection.centroid_indices(feats, labels, 4, 1)
+    sets = np.stack([feats[start], feats[start[::-1]]])
+    real = {"feats": jax.numpy.asarray(feats), "labels": jax.numpy.asarray(labels)}
+    for s, got in zip(sets, np.asarray(set_loss(sets))):  # vmapped == the method's own loss, set by set
+        want = clp.loss(None, None, None, {"feats": s, "labels": np.eye(4, dtype=np.float32)}, real, cfg)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    picks = selection.greedy_indices(feats, labels, 4, 1, set_loss, start=start, candidates=30)
+    np.testing.assert_array_equal(labels[picks], np.arange(4))
+    assert float(set_loss(feats[picks][None])[0]) < float(set_loss(feats[start][None])[0]) - 1e-3
+
+
 def test_neighbour_is_the_nearest_image_of_the_same_class():
     feats, labels, pos = _planted()
     queries = np.stack([feats[pos[(0, 1.2)]] + 0.01, feats[pos[(2, -2.2)]] - 0.01, feats[pos[(1, 1.0)]]])

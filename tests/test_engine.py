@@ -144,14 +144,24 @@ def test_gradient_accumulation_is_exact(tiny_data, tmp_path, method, source):
 
 
 @pytest.mark.slow
-def test_centroid_init_starts_from_the_centroid_images(tiny_data, tmp_path):
+@pytest.mark.parametrize("init", ["centroid", "greedy"])
+def test_centroid_and_greedy_init_start_from_their_real_images(tiny_data, tmp_path, init):
     from jdd import context, data, selection
-    cfg = _load_tiny().get_config(f"data={tiny_data},steps=0,init=centroid")
+    from jdd.methods import clp
+    cfg = _load_tiny().get_config(f"data={tiny_data},steps=0,init={init}")
     distill.run(cfg, str(tmp_path / "wd"))
     images, _ = images_of(tmp_path / "wd")
     ctx = context.build(cfg, str(tmp_path / "wd"))
     cache = distill.train_cache(ctx)
     idx = selection.centroid_indices(cache.view(0), cache.labels, 4, 1)
+    if init == "greedy":  # the tiny run's method is CLP: its own settings
+        loss = clp.set_loss_fn(cache.view(0), cache.labels, 4, 1, ctx.spec.method_cfg,
+                               real_per_class=cfg.syn.greedy_real_per_class, seed=cfg.seed)
+        start, idx = idx, selection.greedy_indices(cache.view(0), cache.labels, 4, 1, loss, start=idx,
+                                                   candidates=cfg.syn.greedy_candidates)
+        feats = np.asarray(cache.view(0))
+        assert float(loss(feats[idx][None])[0]) <= float(loss(feats[start][None])[0])
+        assert np.any(idx != start)  # on this data the search moves picks: the images below test that
     want = data.load_images(ctx.train, idx, real_res=36, crop_res=32)
     np.testing.assert_allclose(images, np.clip(want, 1e-3, 1 - 1e-3), atol=1e-4)
 

@@ -263,16 +263,20 @@ def test_paper_config_is_the_official_defaults():
     assert c.syn.lr == 2e-3 and c.augment.ops == "flip,rrc_lgm,noise" and c.augment.copies == 10
     assert (c.augment.noise_mean, c.augment.noise_std) == (0.5, 0.2)
     assert (c.real.source, c.real.per_class, c.method.num_heads, c.method.head_std) == ("backbone", 0, 1, 0.01)
+    assert c.real.sampling == "shuffled"  # their DataLoader(shuffle=True): class counts vary per step
     c = c.unlock()
     c.real.crop_res = 300  # beyond data.real_res: nothing to crop it from
     with pytest.raises(validation.ConfigError, match="real.crop_res"):
+        validation.validate_config(c, check_paths=False)
+    c.real.crop_res, c.real.source = 256, "cache"
+    with pytest.raises(validation.ConfigError, match="real.sampling='shuffled'"):
         validation.validate_config(c, check_paths=False)
 
 
 @pytest.mark.slow  # a whole (tiny) run through the engine: real batches from disk, compile, export
 def test_paper_mode_runs_end_to_end(tmp_path):
-    """The paper mode's own keys through the engine: real batches cropped at real_res (36 px) before the
-    official crop to 32 px, noise of mean 0.5, pyramid growth with Adam reset."""
+    """The paper mode's own keys through the engine: shuffled real batches cropped at real_res (36 px)
+    before the official crop to 32 px, noise of mean 0.5, pyramid growth with Adam reset."""
     import json
     import os
 
@@ -281,7 +285,7 @@ def test_paper_mode_runs_end_to_end(tmp_path):
     data = make_imagefolder(tmp_path / "data", counts={"train": 6, "val": 3}, seed=0)
     c = load_tiny_config().get_config(f"data={data},method=lgm,source=backbone,steps=4").unlock()
     c.augment.update(ops="flip,rrc_lgm,noise", noise_mean=0.5)
-    c.real.crop_res = c.data.real_res
+    c.real.crop_res, c.real.sampling = c.data.real_res, "shuffled"
     distill.run(c.lock(), str(tmp_path / "run"))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)

@@ -179,6 +179,24 @@ def test_tiny_vit_evaluation_is_reproducible():
     assert fast["protocol"]["name"] == "features-only (fast)" and fast["protocol"]["augment"] == []
 
 
+def test_full_protocol_reads_a_set_stored_at_a_size_the_backbone_cannot_read_through_its_crops():
+    # LGM stores 256 px images for a patch-14 ViT that reads the protocol's 224 px crops: the shape
+    # check must look at the views, not at the stored size (here 36 px images, patch 8, 32 px crops).
+    bb = backbones.create("dinov2", "test", image_size=32)
+    embed = probe.embedder(bb.apply, bb.params)
+    rng = np.random.default_rng(8)
+    images = rng.uniform(size=(4, 36, 36, 3)).astype(np.float32)
+    labels = np.arange(4) % 2
+    test_feats = probe.embed_images(embed, jnp.asarray(rng.uniform(size=(4, 32, 32, 3)), jnp.float32))
+    for mode in ("full", "bank"):
+        res = probe.evaluate(jax.random.PRNGKey(0), images, labels, embed, test_feats, labels, num_classes=2,
+                             cfg=small_cfg(epochs=1, mode=mode, out_res=32, bank_views=2))
+        assert len(res["top1_per_seed"]) == 2
+    with pytest.raises(ValueError, match="not a multiple of the patch size 8"):  # features mode reads 36 px
+        probe.evaluate(jax.random.PRNGKey(0), images, labels, embed, test_feats, labels, num_classes=2,
+                       cfg=small_cfg(epochs=1, mode="features"))
+
+
 def test_default_augment_is_jdd_augment_flip_and_crop():
     cfg = small_cfg(out_res=8)
     img = jnp.asarray(np.random.default_rng(6).uniform(size=(RES, RES, 3)), jnp.float32)

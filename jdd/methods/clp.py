@@ -18,8 +18,10 @@ well but an SGD-trained probe does not (the set encodes the inverse of a near-si
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jdd.methods import base, linear
 
@@ -56,6 +58,23 @@ def loss(params, consts, key, syn, real, cfg):
         err = out - linear.regression_targets(yr, cfg.center_labels)
         value = jnp.mean(jnp.sum(err ** 2, axis=-1))
     return value, {"real_acc": linear.accuracy(out, real["labels"])}
+
+
+def set_loss_fn(train_feats, train_labels, num_classes: int, ipc: int, cfg, *, real_per_class: int = 20,
+                seed: int = 0):
+    """losses(feats [B, C*ipc, D]) -> [B]: CLP's outer loss of B candidate sets of real features
+    (class-major, hard labels), scored on ``real_per_class`` training features of each class drawn once
+    with ``numpy.random.default_rng(seed)`` (all of a smaller class). For ``selection.greedy_indices``:
+    the set whose closed-form probe best fits the real features, in seconds at C = 100."""
+    labels = np.asarray(train_labels)
+    rng = np.random.default_rng(seed)
+    rows = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:real_per_class]
+                           for c in range(num_classes)])
+    real = {"feats": jnp.asarray(np.asarray(train_feats)[rows], jnp.float32),
+            "labels": jnp.asarray(labels[rows], jnp.int32)}
+    onehot = jax.nn.one_hot(jnp.repeat(jnp.arange(num_classes), ipc), num_classes, dtype=jnp.float32)
+    one = lambda z: loss(None, None, None, {"feats": z, "labels": onehot}, real, cfg)[0]  # noqa: E731
+    return jax.jit(jax.vmap(one))
 
 
 METHOD = base.Method(name=NAME, loss=loss, default_config=default_config)
