@@ -131,7 +131,7 @@ def cmd_report(a) -> None:
         return f"{r['top1_mean']:.1f} +- {r['top1_std']:.1f}" if r["probe_seeds"] > 1 else f"{r['top1_mean']:.1f}"
 
     seeds = {m: sorted({r[m]["probe_seeds"] for r in rows.values() if r[m]}) for m in modes}
-    head = [f"{name} ({'/'.join(map(str, seeds[m])) or '-'} probe seeds)"
+    head = [f"{name} ({'/'.join(map(str, seeds[m])) or '-'} probe seed{'' if seeds[m] == [1] else 's'})"
             for m, name in zip(modes, ("features", "view bank K=16", "full protocol"))]
     lines = ["| set | match loss, mean over steps 200-300 | " + " | ".join(head) + " |", "|---|---|---|---|---|"]
     for name, r in rows.items():

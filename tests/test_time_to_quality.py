@@ -1,4 +1,5 @@
-"""launch/time_to_quality.py on hand-written metrics, and the official-code checks of launch/official_lgm.py."""
+"""launch/time_to_quality.py and launch/lgm_quality.py on hand-written runs; the official-code checks of
+launch/official_lgm.py."""
 import json
 import os
 import sys
@@ -65,3 +66,31 @@ def test_official_copy_checks_name_the_fix(tmp_path):
     (src / "synsets" / "pyramid.py").write_text('level = torch.randn((1, 3), device="cuda")\n')
     with pytest.raises(SystemExit, match="still moves tensors to CUDA.*sed -i"):
         official_lgm.check_official(tmp_path)
+
+
+def test_lgm_quality_report_on_hand_written_runs(tmp_path):
+    """launch/lgm_quality.py report: late-loss means, per-side summaries, the range check and the plot."""
+    import lgm_quality
+    per_seed = {("official", 0): 20.0, ("official", 1): 24.0, ("jdd", 0): 21.0, ("jdd", 1): 22.0}
+    for (side, seed), top1 in per_seed.items():
+        d = tmp_path / f"{side}_s{seed}"
+        d.mkdir()
+        loss = 0.7 if side == "official" else 0.6
+        rows = [{"step": s, "loss": loss + (0.1 if s < 200 else 0.0)} for s in range(301)]
+        (d / ("loss.jsonl" if side == "official" else "metrics.jsonl")).write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+        for mode, seeds in (("features", 5), ("full", 1)):
+            s = tmp_path / "scores" / f"{side}_s{seed}_{mode}"
+            s.mkdir(parents=True)
+            (s / "results.json").write_text(json.dumps({"results": {
+                "distilled (lgm)": {"top1_mean": top1 + (mode == "full"), "top1_std": 0.5,
+                                    "top1_per_seed": [top1] * seeds}}}))
+    lgm_quality.main(["report", "--out", str(tmp_path), "--seeds", "0", "1"])
+    q = json.loads((tmp_path / "quality.json").read_text())
+    assert q["sets"]["official_s0"]["late_loss"] == pytest.approx(0.7)  # steps 200-300 only
+    assert q["sets"]["jdd_s1"]["bank"] is None
+    assert q["summary"]["official"]["features"] == {"per_seed": [20.0, 24.0], "mean": 22.0, "min": 20.0, "max": 24.0}
+    assert q["summary"]["jdd_mean_within_official_range"] == {"features": True, "full": True}
+    md = (tmp_path / "quality.md").read_text()
+    assert "full protocol (1 probe seed)" in md and "features (5 probe seeds)" in md and "| jdd_s0 | 0.600 | 21.0 +- 0.5 | - | 22.0 |" in md
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
