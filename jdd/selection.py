@@ -75,26 +75,26 @@ def greedy_indices(train_feats, train_labels, num_classes: int, ipc: int, set_lo
     ipc rows per class (the labels are implied). start: int [C*ipc] training indices, class-major (e.g.
     ``centroid_indices``). Slot (c, r) tries the ``candidates`` images of class c nearest the class-mean
     feature that are not picked elsewhere, and keeps the current pick unless one gives a lower loss, so
-    the loss never rises. A sweep ends early when no slot changed.
+    the loss never rises. It stops early after a sweep that changed nothing. Every call of set_loss
+    gets ``candidates`` sets (short pools are padded with the current pick): one compilation.
     """
     feats = np.asarray(train_feats, np.float32)
     start = np.asarray(start, np.int64)
     members = _class_members(train_labels, num_classes, ipc)
     if start.shape != (num_classes * ipc,):
         raise ValueError(f"start must hold {num_classes * ipc} indices (class-major), got shape {start.shape}")
-    pools = []
-    for c, m in enumerate(members):
-        x = feats[m].astype(np.float64)
-        near = m[np.argsort(np.linalg.norm(x - x.mean(0), axis=1), kind="stable")[:candidates]]
-        pools.append(near)
+    wide = feats.astype(np.float64)
+    pools = [m[np.argsort(np.linalg.norm(wide[m] - wide[m].mean(0), axis=1), kind="stable")[:candidates]]
+             for m in members]
     picks = start.copy()
-    current = float(np.asarray(set_loss(feats[picks][None]))[0])
+    current = float(np.asarray(set_loss(np.repeat(feats[picks][None], candidates, axis=0)))[0])
     for _ in range(sweeps):
         changed = False
         for slot in range(len(picks)):
             pool = np.setdiff1d(pools[slot // ipc], np.delete(picks, slot))
             if pool.size == 0:
                 continue
+            pool = np.concatenate([pool, np.full(candidates - len(pool), picks[slot])])
             sets = np.repeat(feats[picks][None], len(pool), axis=0)
             sets[:, slot] = feats[pool]
             losses = np.asarray(set_loss(sets), np.float64)
