@@ -34,6 +34,7 @@ ROOT = HERE.parent
 CONFIG = "configs/imagenette_dinov2s_lgm_paper.py:data={data},backbone={backbone},cpu=True"
 SIDES = ("official", "jdd")
 LATE = (200, 300)  # steps whose mean match loss the table reports
+LABELS = {"official": "official code", "jdd": "jdd paper mode", "jdd_balanced": "jdd, real.sampling=balanced"}
 
 
 def set_path(out: pathlib.Path, side: str, seed: int) -> pathlib.Path:
@@ -162,7 +163,8 @@ def plot(out: pathlib.Path, seeds, sides) -> None:
             steps = np.array(sorted(curve))
             vals = np.array([curve[s] for s in steps])
             smooth = np.convolve(vals, np.ones(10) / 10, mode="valid")
-            ax.plot(steps[9:], smooth, color=color, alpha=0.8, lw=1.2, label=f"{side}" if i == 0 else None)
+            ax.plot(steps[9:], smooth, color=color, alpha=0.8, lw=1.2,
+                    label=LABELS.get(side, side) if i == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("match loss 1 - cos (10-step moving mean)")
     ax.set_title(f"LGM, official code vs jdd paper mode: Imagenette, DINOv2 ViT-S, {len(seeds)} seeds each",
