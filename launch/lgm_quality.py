@@ -18,7 +18,12 @@ image; ``full``: the LGM protocol, fresh augmented views every epoch), all with 
 (config seed 0; ``--full_probe_seeds`` lowers the full protocol's 5, whose cost is 1000 epochs x seeds
 x 10 backbone forwards a set), into ``OUT/scores/<side>_s<seed>_<mode>/``. ``report`` writes ``OUT/quality.{json,md}``
 (per set and per side: top-1 of each mode, the mean match loss over steps 200-300) and
-``OUT/loss_curves.png`` (every seed's match loss, both sides, a 10-step moving mean).
+``OUT/loss_curves.png`` (every seed's match loss, both sides, a 10-step moving mean). ``batches``
+holds one set fixed and writes ``OUT/batches.json``: the official step's match loss over shuffled and
+over class-balanced real batches (why the paper mode samples shuffled batches):
+
+    python launch/lgm_quality.py batches --official=/tmp/lgm_official --backbone=.cache/dinov2s \
+        --data=../shared/data/imagenette --out=runs/lgm_quality --set=runs/lgm_quality/official_s0/data.pth
 """
 from __future__ import annotations
 
@@ -176,28 +181,69 @@ def plot(out: pathlib.Path, seeds, sides) -> None:
     print(f"wrote {out / 'loss_curves.png'}")
 
 
+def cmd_batches(a) -> None:
+    """The official step's match loss on one fixed set (no update) over ``--batches`` real batches drawn
+    shuffled (their loader) and class-balanced (ipc x copies of every class): how much easier balanced
+    batches are to match."""
+    import pathlib as pl
+    import types
+
+    import numpy as np
+    import torch
+    import official_lgm_run as run
+    src = run.official_lgm.check_official(a.official)
+    torch.manual_seed(0)
+    g, _ = run.build(src, a.backbone, a.data, 0, 0, pl.Path(a.out))
+    d = torch.load(a.set, weights_only=True)
+    x = d["images"].clone().requires_grad_(True)  # their step backpropagates to it; lr 0 leaves it
+    g.distilled_dataset = types.SimpleNamespace(get_data=lambda: (x, d["labels"]),
+                                                optimizer=torch.optim.SGD([x], lr=0.0))
+    files, labels, classes = run.train_files(a.data)
+    per_class = g.real_batch_size // len(classes)
+    rng = np.random.default_rng(1)
+
+    def balanced():
+        while True:
+            idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
+                                  for c in range(len(classes))])
+            xs = np.stack([run.load_image(files[j], run.SETTINGS["real_res"], rng) for j in idx])
+            yield torch.from_numpy(xs), torch.from_numpy(labels[idx]).long()
+    out = {}
+    for name, batches in (("shuffled", run.real_batches(files, labels, g.real_batch_size, run.SETTINGS["real_res"], 5)),
+                          ("balanced", balanced())):
+        g.train_iter = batches
+        vals = [g.match_gradients() for _ in range(a.batches)]
+        out[name] = {"mean": float(np.mean(vals)), "standard_error": float(np.std(vals) / np.sqrt(len(vals)))}
+        print(f"{name}: match loss {out[name]['mean']:.3f} +- {out[name]['standard_error']:.3f} "
+              f"over {a.batches} real batches", flush=True)
+    (pl.Path(a.out) / "batches.json").write_text(json.dumps(dict(out, set=a.set), indent=1))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "score", "report"):
+    for name in ("run", "score", "report", "batches"):
         q = sub.add_parser(name)
         q.add_argument("--out", required=True)
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-        if name in ("run", "score"):
+        if name in ("run", "score", "batches"):
             q.add_argument("--backbone", required=True)
             q.add_argument("--data", required=True)
         if name in ("score", "report"):
             q.add_argument("--sides", nargs="+", default=list(SIDES),
                            help="run directories OUT/<side>_s<seed> to read (e.g. also a jdd variant)")
-        if name == "run":
+        if name in ("run", "batches"):
             q.add_argument("--official", required=True, help="a CPU-ready copy of the official code")
+        if name == "batches":
+            q.add_argument("--set", required=True, help="an LGM data.pth to hold fixed (e.g. OUT/official_s0/data.pth)")
+            q.add_argument("--batches", type=int, default=30)
         if name == "score":
             q.add_argument("--modes", nargs="+", default=["features", "bank", "full"],
                            choices=["features", "bank", "full"])
             q.add_argument("--full_probe_seeds", type=int, default=5,
                            help="probe seeds of the full protocol (its cost: 1000 epochs x seeds x 10 forwards)")
     a = p.parse_args(argv)
-    {"run": cmd_run, "score": cmd_score, "report": cmd_report}[a.cmd](a)
+    {"run": cmd_run, "score": cmd_score, "report": cmd_report, "batches": cmd_batches}[a.cmd](a)
 
 
 if __name__ == "__main__":
