@@ -158,13 +158,18 @@ def test_accuracy_matches_numpy():
 
 
 @pytest.mark.slow
-def test_tiny_vit_evaluation_is_reproducible():
+def _tiny_vit_task(n: int, res: int, seed: int):
+    """A tiny random DINOv2 (patch 8, 32 px), its embedder, n images of res px, 2 classes, test features."""
     bb = backbones.create("dinov2", "test", image_size=32)
     embed = probe.embedder(bb.apply, bb.params)
-    rng = np.random.default_rng(5)
-    images = rng.uniform(size=(8, 32, 32, 3)).astype(np.float32)
-    labels = np.arange(8) % 2
-    test_feats = probe.embed_images(embed, jnp.asarray(rng.uniform(size=(8, 32, 32, 3)), jnp.float32))
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(size=(n, res, res, 3)).astype(np.float32)
+    test_feats = probe.embed_images(embed, jnp.asarray(rng.uniform(size=(n, 32, 32, 3)), jnp.float32))
+    return bb, embed, images, np.arange(n) % 2, test_feats
+
+
+def test_tiny_vit_evaluation_is_reproducible():
+    bb, embed, images, labels, test_feats = _tiny_vit_task(8, 32, 5)
     cfg = small_cfg(epochs=2, chunk_epochs=1)
     compiled = probe.train_program._cache_size()
     runs = [probe.evaluate(jax.random.PRNGKey(7), images, labels, probe.embedder(bb.apply, bb.params),
@@ -182,12 +187,7 @@ def test_tiny_vit_evaluation_is_reproducible():
 def test_full_protocol_reads_a_set_stored_at_a_size_the_backbone_cannot_read_through_its_crops():
     # LGM stores 256 px images for a patch-14 ViT that reads the protocol's 224 px crops: the shape
     # check must look at the views, not at the stored size (here 36 px images, patch 8, 32 px crops).
-    bb = backbones.create("dinov2", "test", image_size=32)
-    embed = probe.embedder(bb.apply, bb.params)
-    rng = np.random.default_rng(8)
-    images = rng.uniform(size=(4, 36, 36, 3)).astype(np.float32)
-    labels = np.arange(4) % 2
-    test_feats = probe.embed_images(embed, jnp.asarray(rng.uniform(size=(4, 32, 32, 3)), jnp.float32))
+    _, embed, images, labels, test_feats = _tiny_vit_task(4, 36, 8)
     for mode in ("full", "bank"):
         res = probe.evaluate(jax.random.PRNGKey(0), images, labels, embed, test_feats, labels, num_classes=2,
                              cfg=small_cfg(epochs=1, mode=mode, out_res=32, bank_views=2))
