@@ -80,13 +80,24 @@ def _close_progress_bars() -> None:
             pass
 
 
-def _fail(message: str, status: int) -> None:
-    """Prints ``jdd: error: MESSAGE`` as the last line of stderr and exits with ``status``."""
+def _last_line(line: str, status: int) -> None:
+    """Prints ``line`` as the last line of stderr and exits with ``status``.
+
+    Logging is switched off first: after a failed write, orbax's background tasks can still be
+    collected at exit, and asyncio logs "Task exception was never retrieved" for each, after the
+    line that says what happened (--verbose keeps those records)."""
     _close_progress_bars()
+    if not _debug():
+        logging.disable(logging.CRITICAL)
     sys.stdout.flush()
-    sys.stderr.write(f"jdd: error: {' '.join(message.split())}\n")
+    sys.stderr.write(f"{line}\n")
     sys.stderr.flush()
     sys.exit(status)
+
+
+def _fail(message: str, status: int) -> None:
+    """Prints ``jdd: error: MESSAGE`` as the last line of stderr and exits with ``status``."""
+    _last_line(f"jdd: error: {' '.join(message.split())}", status)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,11 +276,7 @@ def main(argv):
     try:
         run(config, FLAGS.workdir, FLAGS.mode, FLAGS.eval_npz, FLAGS.eval_set)
     except signals.Interrupted as err:  # one line saying where the run stopped and what was kept
-        _close_progress_bars()
-        sys.stdout.flush()
-        sys.stderr.write(f"jdd: {err}\n")
-        sys.stderr.flush()
-        sys.exit(err.status)
+        _last_line(f"jdd: {err}", err.status)
     except KeyboardInterrupt:
         if _debug():
             raise

@@ -11,6 +11,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import textwrap
 import sys
 
 import numpy as np
@@ -579,6 +580,26 @@ def test_unknown_key_message():
     assert main.unknown_key_message(c, "foo").startswith("unknown config key 'foo' (--config.foo)")
     assert "did you mean --config.steps?" in main.unknown_key_message(c, "steps.x")
     assert "keys under 'syn'" in main.unknown_key_message(c, "syn.zzzzzz")
+
+
+@pytest.mark.slow  # a subprocess
+def test_error_line_stays_last_when_a_background_task_failed():
+    """An asyncio task whose exception nobody retrieved (orbax's writer after ENOSPC) is collected at
+    exit and logged by asyncio; the jdd line must still be the last line of stderr."""
+    script = textwrap.dedent("""
+        import asyncio, logging, sys
+        from jdd import main
+        logging.basicConfig(level=logging.INFO)
+        async def write():
+            raise OSError(28, "No space left on device")
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(write())
+        loop.run_until_complete(asyncio.sleep(0.01))  # the task fails; its exception is never read
+        main._fail("no space left on device while writing /w", 2)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "jdd: error: no space left on device while writing /w", proc.stderr
 
 
 @pytest.mark.slow
