@@ -95,7 +95,7 @@ def _last_line(line: str, status: int) -> None:
     sys.exit(status)
 
 
-def _fail(message: str, status: int) -> None:
+def fail(message: str, status: int) -> None:
     """Prints ``jdd: error: MESSAGE`` as the last line of stderr and exits with ``status``."""
     _last_line(f"jdd: error: {' '.join(message.split())}", status)
 
@@ -175,7 +175,7 @@ def parse_flags(argv):
     except Exception as err:  # noqa: BLE001 - absl, ml_collections and the config file all raise here
         if _debug(argv):
             raise
-        _fail(flag_error_message(err, argv), USAGE_STATUS)
+        fail(flag_error_message(err, argv), USAGE_STATUS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def _run(config, workdir: str, mode: str, eval_npz: str | None, eval_set: str | 
 
 def main(argv):
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}: flags are written --name=value", USAGE_STATUS)
+        fail(f"unexpected arguments {argv[1:]}: flags are written --name=value", USAGE_STATUS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # orbax and tfds log every file operation at INFO through absl; keep the console for progress.
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -271,7 +271,7 @@ def main(argv):
     except Exception as err:  # noqa: BLE001
         if _debug():
             raise
-        _fail(flag_error_message(err, sys.argv), USAGE_STATUS)
+        fail(flag_error_message(err, sys.argv), USAGE_STATUS)
     from jdd import signals
     try:
         run(config, FLAGS.workdir, FLAGS.mode, FLAGS.eval_npz, FLAGS.eval_set)
@@ -280,12 +280,12 @@ def main(argv):
     except KeyboardInterrupt:
         if _debug():
             raise
-        _fail("interrupted; the same command resumes from the last checkpoint", 130)
+        fail("interrupted; the same command resumes from the last checkpoint", 130)
     except Exception as err:  # noqa: BLE001 - turned into one line; --verbose shows the traceback
         if _debug():
             raise
         message, status = error_message(err, FLAGS.workdir)
-        _fail(message, status)
+        fail(message, status)
 
 
 def cli():

@@ -595,7 +595,7 @@ def test_error_line_stays_last_when_a_background_task_failed():
         loop = asyncio.new_event_loop()
         task = loop.create_task(write())
         loop.run_until_complete(asyncio.sleep(0.01))  # the task fails; its exception is never read
-        main._fail("no space left on device while writing /w", 2)
+        main.fail("no space left on device while writing /w", 2)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2, proc.stderr
