@@ -11,8 +11,8 @@ import os
 import pathlib
 import socket
 import subprocess
-import textwrap
 import sys
+import textwrap
 
 import numpy as np
 import pytest
