@@ -185,7 +185,6 @@ def cmd_batches(a) -> None:
     """The official step's match loss on one fixed set (no update) over ``--batches`` real batches drawn
     shuffled (their loader) and class-balanced (ipc x copies of every class): how much easier balanced
     batches are to match."""
-    import pathlib as pl
     import types
 
     import numpy as np
@@ -193,7 +192,7 @@ def cmd_batches(a) -> None:
     import official_lgm_run as run
     src = run.official_lgm.check_official(a.official)
     torch.manual_seed(0)
-    g, _ = run.build(src, a.backbone, a.data, 0, 0, pl.Path(a.out))
+    g, _ = run.build(src, a.backbone, a.data, 0, 0, pathlib.Path(a.out))
     d = torch.load(a.set, weights_only=True)
     x = d["images"].clone().requires_grad_(True)  # their step backpropagates to it; lr 0 leaves it
     g.distilled_dataset = types.SimpleNamespace(get_data=lambda: (x, d["labels"]),
@@ -216,7 +215,7 @@ def cmd_batches(a) -> None:
         out[name] = {"mean": float(np.mean(vals)), "standard_error": float(np.std(vals) / np.sqrt(len(vals)))}
         print(f"{name}: match loss {out[name]['mean']:.3f} +- {out[name]['standard_error']:.3f} "
               f"over {a.batches} real batches", flush=True)
-    (pl.Path(a.out) / "batches.json").write_text(json.dumps(dict(out, set=a.set), indent=1))
+    (pathlib.Path(a.out) / "batches.json").write_text(json.dumps(dict(out, set=a.set), indent=1))
 
 
 def main(argv=None):
