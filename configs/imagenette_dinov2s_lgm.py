@@ -51,7 +51,8 @@ def get_config(arg=None):
     c.ckpt_every = 50
     c.log_every = 10
     # The real-image baselines under the full protocol take hours on a CPU (25 probes for the random
-    # draws alone); --config.eval.baselines=true adds them, --mode=baselines runs them alone.
+    # draws alone); --config.eval.baselines=true adds them, --mode=baselines runs them alone
+    # (eval.baseline_sets and eval.random_draws pick fewer).
     c.eval.baselines = False
     c.eval.track_every = 50
     c.eval.keep_best = True

@@ -149,6 +149,10 @@ def full_dataset_probe(key, train_feats, train_labels, test_feats, test_labels, 
 
 # ----------------------------------------------------------------------------------------- running
 
+# The baselines by name (config: eval.baseline_sets); neighbour needs a distilled set.
+NAMES = ("random", "centroid", "neighbour", "full")
+
+
 def pool_draws(results: list[dict]) -> dict:
     """Several result dicts (e.g. random draws) -> mean/std over all their seeds, plus per-draw entries."""
     vals = np.array([v for r in results for v in r["top1_per_seed"]], np.float64)
@@ -172,12 +176,11 @@ def run_baselines(key, *, train_feats, train_labels, test_feats, test_labels, nu
     and "bank" need embed_fn and load_images(indices int [K]) -> images [K, H, W, 3] in [0, 1] at probe resolution.
     All image sets share one probe key (paired comparison: same inits and batch orders).
     """
-    known = ("random", "centroid", "neighbour", "full")
     if methods is None:
-        methods = tuple(m for m in known if m != "neighbour" or distilled_feats is not None)
-    unknown = [m for m in methods if m not in known]
+        methods = tuple(m for m in NAMES if m != "neighbour" or distilled_feats is not None)
+    unknown = [m for m in methods if m not in NAMES]
     if unknown:
-        raise ValueError(f"unknown baselines {unknown}; choose from {known}")
+        raise ValueError(f"unknown baselines {unknown}; choose from {NAMES}")
     if "neighbour" in methods and distilled_feats is None:
         raise ValueError("the neighbour baseline needs distilled_feats and distilled_labels")
     if probe_cfg.mode != "features" and (embed_fn is None or load_images is None) and set(methods) - {"full"}:

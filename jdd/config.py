@@ -170,6 +170,9 @@ def base_config() -> ml_collections.ConfigDict:
         epochs=1000,
         seeds=5,
         baselines=False,       # also evaluate random / centroid / neighbour real images and the full probe
+        baseline_sets="",      # which baselines: a comma-separated subset of random, centroid, neighbour, full
+                               # ("" = all that apply; neighbour needs a distilled set)
+        random_draws=5,        # random real images: this many draws, each probed with `seeds` seeds, pooled
         backbone="",           # evaluate with another backbone (cross-backbone transfer); "" = the same
         track_every=0,         # every N steps, score the current set with the fast probe on the train
                                # split (metric "track_top1"; 0 = off); cheap: one forward of the set

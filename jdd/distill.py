@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from jdd import context, data, evaluators, loop, parallel, results as results_lib, sets, signals, step as step_lib
-from jdd import methods, workdir as workdir_lib
+from jdd import methods, validation, workdir as workdir_lib
 from jdd.methods import clp
 
 log = logging.getLogger("jdd")
@@ -115,7 +115,7 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
         state_at=lambda step: step_lib.state_at(key, spec, step, method=method, feat_dim=feat_dim,
                                                 init_images=init_images),
         consts=consts, real_cache=real_cache, batches=batches, score=score,
-        resume_allow=tuple(a.strip() for a in c.resume_allow.split(",") if a.strip()),
+        resume_allow=validation.names(c.resume_allow),
         shard_state_mb=c.parallel.shard_state_mb, t_start=t_start)
 
 
@@ -158,7 +158,8 @@ def evaluate(ctx: context.Context, the_set: dict | None, stop: dict | None = Non
         results.update(evaluators.evaluate_baselines(
             key, train_feats=train.view(0), train_labels=train.labels, test_feats=test.view(0),
             test_labels=test.labels, num_classes=ctx.train.num_classes, ipc=c.syn.ipc, embed=embed,
-            load_images=load, cfg=cfg, distilled=the_set, meta=meta))
+            load_images=load, cfg=cfg, distilled=the_set, meta=meta,
+            names=validation.names(c.eval.baseline_sets) or None, draws=c.eval.random_draws))
     if parallel.is_main_process():
         results_lib.write_results(ctx.workdir, results, meta)
     return results

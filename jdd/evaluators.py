@@ -99,9 +99,11 @@ def evaluate_set(key, distilled: dict, embed: Callable, test_feats, test_labels,
 
 def evaluate_baselines(key, *, train_feats, train_labels, test_feats, test_labels, num_classes: int,
                        ipc: int, embed: Callable, load_images: Callable, cfg: ml_collections.ConfigDict,
-                       distilled: dict | None = None, meta: dict | None = None) -> dict:
-    """{name: result} of the real-image baselines (and, given a distilled set, its nearest real
-    neighbours). ``load_images(indices [K]) -> images [K, h, w, 3]`` at the probe's resolution."""
+                       distilled: dict | None = None, meta: dict | None = None,
+                       names: tuple[str, ...] | None = None, draws: int = 5) -> dict:
+    """{name: result} of the real-image baselines ``names`` (None: all that apply; the nearest real
+    neighbours only given a distilled set), random real images pooled over ``draws`` draws.
+    ``load_images(indices [K]) -> images [K, h, w, 3]`` at the probe's resolution."""
     kw = {}
     if distilled is not None:
         images = resize(np.asarray(distilled["images"], np.float32), cfg.out_res)
@@ -111,4 +113,4 @@ def evaluate_baselines(key, *, train_feats, train_labels, test_feats, test_label
     return baselines.run_baselines(
         key, train_feats=train_feats, train_labels=train_labels, test_feats=test_feats,
         test_labels=test_labels, num_classes=num_classes, ipc=ipc, probe_cfg=cfg, embed_fn=embed,
-        load_images=load_images, meta=meta, **kw)
+        load_images=load_images, meta=meta, methods=names, draws=draws, **kw)

@@ -242,7 +242,7 @@ def run(config, workdir: str, mode: str, eval_npz: str | None = None, eval_set: 
 
 def _run(config, workdir: str, mode: str, eval_npz: str | None, eval_set: str | None):
     from jdd import validation, workdir as workdir_lib
-    validation.validate_config(config, check_paths=mode != "export")  # export reads neither data nor backbone
+    validation.validate_config(config, check_paths=mode != "export", mode=mode)  # export reads no data or backbone
     path = workdir_lib.prepare_workdir(workdir)
     import jax
     # Compiled steps are cached on disk, so a resumed or repeated run starts without recompiling.

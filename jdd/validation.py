@@ -164,6 +164,7 @@ RULES: tuple[Rule, ...] = (
     Rule("eval.bank_views", integer(1), "bank: augmented views per image encoded once"),
     Rule("eval.epochs", integer(1)),
     Rule("eval.seeds", integer(1)),
+    Rule("eval.random_draws", integer(1)),
     Rule("eval.test_batch", integer(1)),
     Rule("eval.track_every", integer(0), "0 = off"),
     Rule("eval.track_seeds", integer(1)),
@@ -174,11 +175,11 @@ RULES: tuple[Rule, ...] = (
 )
 
 # Keys whose value is free text (paths, names, lists): checked by the functions below (data.name,
-# data.data_dir, backbone.spec, eval.backbone, augment.ops, augment.*_schedule, resume_allow) or
-# where they are used (class lists, split names, the cache directory).
+# data.data_dir, backbone.spec, eval.backbone, augment.ops, eval.baseline_sets, augment.*_schedule,
+# resume_allow) or where they are used (class lists, split names, the cache directory).
 FREE_TEXT = ("data.name", "data.data_dir", "data.classes", "data.train_split", "data.test_split", "backbone.spec",
              "augment.ops", "augment.res_schedule", "augment.copies_schedule", "augment.rrc_scale_schedule",
-             "real.cache_dir", "eval.backbone", "resume_allow")
+             "real.cache_dir", "eval.backbone", "eval.baseline_sets", "resume_allow")
 
 # The CLP loss and its gradients scale as 1/T (measured on random features: gradients ~8 at T=1e-4,
 # ~1e27 at T=1e-30, where the backward pass through the encoder overflowed to NaN); the default is
@@ -298,7 +299,7 @@ def _cross(config) -> None:
                           "True (the label-only baseline) or learn the images")
     allow = g("resume_allow")
     if allow is not _MISSING and allow:
-        unknown = [k.strip() for k in allow.split(",") if k.strip() and _get(config, k.strip()) is _MISSING]
+        unknown = [k for k in names(allow) if _get(config, k) is _MISSING]
         if unknown:
             raise refuse("resume_allow", allow, "a comma-separated list of config keys (e.g. syn.lr)",
                          f"no such key: {', '.join(unknown)}")
@@ -309,16 +310,31 @@ def _cross(config) -> None:
                          f"method.expert_epochs = {need}", "the target trajectory must exist")
 
 
-def _check_ops(config) -> None:
-    ops = _get(config, "augment.ops")
-    if ops is _MISSING:
+def names(text: str) -> tuple[str, ...]:
+    """The items of a comma-separated config list (``"flip, rrc,"`` -> ``("flip", "rrc")``)."""
+    return tuple(t.strip() for t in str(text).split(",") if t.strip())
+
+
+def _check_names(config, key: str, known) -> None:
+    """``key`` (a comma-separated list) names only items of ``known``."""
+    text = _get(config, key)
+    if text is _MISSING:
         return
-    from jdd import augment
-    names = [o.strip() for o in str(ops).split(",") if o.strip()]
-    unknown = [o for o in names if o not in augment.OPS]
+    unknown = [n for n in names(text) if n not in known]
     if unknown:
-        raise refuse("augment.ops", ops, f"a comma-separated list of {', '.join(sorted(augment.OPS))}",
+        raise refuse(key, text, f"a comma-separated list of {', '.join(sorted(known))}",
                      f"unknown: {', '.join(unknown)}")
+
+
+def _check_lists(config, mode: str) -> None:
+    from jdd import augment, baselines
+    _check_names(config, "augment.ops", augment.OPS)
+    _check_names(config, "eval.baseline_sets", baselines.NAMES)
+    wanted = _get(config, "eval.baseline_sets")
+    if mode == "baselines" and wanted is not _MISSING and "neighbour" in names(wanted):
+        raise refuse("eval.baseline_sets", wanted, "random, centroid or full with --mode=baselines",
+                     "neighbour is the real images nearest a distilled set, and this mode scores none: "
+                     "use --mode=eval")
 
 
 def _schedule(config, key: str, parse, must: str) -> tuple:
@@ -428,17 +444,17 @@ def _check_patch(config) -> None:
                              f"the patch size {patch} of {name}", f"{size} is not; nearest: {nearest}")
 
 
-def validate_config(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
+def validate_config(config: ml_collections.ConfigDict, *, check_paths: bool = True, mode: str = "distill") -> None:
     """Raises ConfigError (one sentence naming the key) for the first value a run cannot use.
 
     Every row of RULES and of the selected method's METHOD_RULES, the cross-key rules, the
-    augmentation names, and, with ``check_paths``, the data directory and the backbone's patch size
-    (file system reads only; nothing is loaded or compiled).
+    augmentation and baseline names (against the run's ``mode``), and, with ``check_paths``, the data
+    directory and the backbone's patch size (file system reads only; nothing is loaded or compiled).
     """
     check_rules(config, RULES)
     check_rules(config, METHOD_RULES.get(_get(config, "method_name"), ()))
     _cross(config)
-    _check_ops(config)
+    _check_lists(config, mode)
     _res_schedule(config)
     _step_schedules(config)
     if check_paths:

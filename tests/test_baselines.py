@@ -200,3 +200,18 @@ def test_run_baselines_features_mode_and_write_results(tmp_path):
         cfg.mode = "full"
         baselines.run_baselines(key, train_feats=xtr, train_labels=ytr, test_feats=xte, test_labels=yte,
                                 num_classes=3, ipc=2, probe_cfg=cfg)
+
+
+@pytest.mark.slow
+def test_baselines_mode_scores_the_named_sets_with_the_configured_draws(tmp_path):
+    """eval.baseline_sets picks the baselines and eval.random_draws the random draws, end to end."""
+    from conftest import load_tiny_config, make_imagefolder
+    from jdd import distill
+    data = make_imagefolder(tmp_path / "d", counts={"train": 3, "val": 2}, seed=0)
+    config = load_tiny_config().get_config(f"data={data}")
+    config.eval.baseline_sets, config.eval.random_draws = "random, centroid", 2
+    out = distill.run(config, str(tmp_path / "w"), mode="baselines")
+    assert list(out) == ["random", "centroid"]
+    assert len(out["random"]["per_draw"]) == 2 and len(out["random"]["top1_per_seed"]) == 2 * config.eval.seeds
+    saved = json.loads((tmp_path / "w" / "results.json").read_text())["results"]
+    assert list(saved) == ["random", "centroid"]
