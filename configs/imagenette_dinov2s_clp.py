@@ -10,11 +10,11 @@ What it runs: 1 image per class (10 images, 112 px pixels, centroid start), 1 au
 for its 20-minute budget (caches and compilation included), the best set on the train-split
 tracking probe kept; then the LGM evaluation protocol (1000 epochs, 5 seeds) on val.
 
-What to expect (2-core CPU, no accelerator, 2026-12-01, docs/results.md; measured with steps=1000 and
-no plateau stop; the shipped budget/plateau stop is not measured here): top-1 **63.30 +- 0.21**
-under the LGM protocol, against 42.2 +- 0.7 for the class centroids it starts from and 87.3 for a probe
-on all train images; 1000 steps in 12.7 min on one core, + 4.6 min to build the train feature cache,
-~16 min for the evaluation. On an accelerator: not measured here. ``runlocal``: a 2.7-minute smoke run.
+What to expect (quiet 2-core CPU, no accelerator, 2026-12-06, docs/panel.md): ~2,200 steps in the 20
+minutes (the train feature cache, ~4 min, included), the set of step 1750 kept: top-1 **66.87 +- 0.32**
+under the LGM protocol (2 probe seeds), against 42.25 +- 2.28 for the class centroids it starts from
+(87.3 for a probe on all train images, docs/results.md); ~16 min for the evaluation (5 seeds). On an
+accelerator: not measured here. ``runlocal``: a 2.7-minute smoke run.
 """
 from jdd import config as jc
 
