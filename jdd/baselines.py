@@ -28,7 +28,7 @@ import optax
 
 from jdd import probe, progress
 from jdd.methods import linear
-from jdd.selection import centroid_indices, neighbour_indices, random_indices
+from jdd.selection import centroid_indices, held_out_split, neighbour_indices, random_indices
 
 
 # ----------------------------------------------------------------------------------------- full dataset
@@ -94,18 +94,6 @@ def fit_lbfgs(feats, labels, l2s, tol, *, num_classes, max_iter, memory_size, ch
     return jax.vmap(fit)(l2s)
 
 
-def _stratified_split(labels, fraction: float, seed: int):
-    """(fit indices, held-out indices): round(fraction * n_c) of each class held out (>= 1 if n_c >= 2)."""
-    rng = np.random.default_rng(seed)
-    fit, held = [], []
-    for c in np.unique(labels):
-        m = rng.permutation(np.flatnonzero(labels == c))
-        k = min(len(m) - 1, max(1, int(round(fraction * len(m))))) if len(m) >= 2 else 0
-        held.append(m[:k])
-        fit.append(m[k:])
-    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
-
-
 def full_dataset_probe(key, train_feats, train_labels, test_feats, test_labels, *, num_classes: int,
                        cfg: ml_collections.ConfigDict | None = None, meta: dict | None = None) -> dict:
     """The ceiling: logistic regression on all train features, l2 picked on a held-out slice (see doc)."""
@@ -118,7 +106,7 @@ def full_dataset_probe(key, train_feats, train_labels, test_feats, test_labels, 
     probe.check_test(test_feats, test_labels, feats.shape[1], num_classes)
     kw = dict(num_classes=num_classes, max_iter=cfg.max_iter, memory_size=cfg.memory_size, chunk=cfg.chunk)
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-    fit_idx, held_idx = _stratified_split(labels, cfg.val_fraction, seed)
+    fit_idx, held_idx = held_out_split(labels, cfg.val_fraction, seed)
     # Standardised with train statistics: an affine map, so still a linear probe of the raw features, and
     # L-BFGS converges several times faster (on DINOv2-S Imagenette features: 136 vs 925 iterations).
     mu, sd = jnp.mean(feats, 0), jnp.maximum(jnp.std(feats, 0), 1e-6)
@@ -166,7 +154,7 @@ def pool_draws(results: list[dict]) -> dict:
 def run_baselines(key, *, train_feats, train_labels, test_feats, test_labels, num_classes: int, ipc: int,
                   probe_cfg: ml_collections.ConfigDict, embed_fn: Callable | None = None,
                   load_images: Callable | None = None, distilled_feats=None, distilled_labels=None,
-                  methods: tuple[str, ...] | None = None, draws: int = 5, centroid_method: str = "herding",
+                  names: tuple[str, ...] | None = None, draws: int = 5, centroid_method: str = "herding",
                   full_cfg: ml_collections.ConfigDict | None = None, meta: dict | None = None) -> dict:
     """Evaluates the baselines with the probe protocol; returns {name: result dict}.
 
@@ -176,20 +164,20 @@ def run_baselines(key, *, train_feats, train_labels, test_feats, test_labels, nu
     and "bank" need embed_fn and load_images(indices int [K]) -> images [K, H, W, 3] in [0, 1] at probe resolution.
     All image sets share one probe key (paired comparison: same inits and batch orders).
     """
-    if methods is None:
-        methods = tuple(m for m in NAMES if m != "neighbour" or distilled_feats is not None)
-    unknown = [m for m in methods if m not in NAMES]
+    if names is None:
+        names = tuple(m for m in NAMES if m != "neighbour" or distilled_feats is not None)
+    unknown = [m for m in names if m not in NAMES]
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {NAMES}")
-    if "neighbour" in methods and distilled_feats is None:
+    if "neighbour" in names and distilled_feats is None:
         raise ValueError("the neighbour baseline needs distilled_feats and distilled_labels")
-    if probe_cfg.mode != "features" and (embed_fn is None or load_images is None) and set(methods) - {"full"}:
+    if probe_cfg.mode != "features" and (embed_fn is None or load_images is None) and set(names) - {"full"}:
         raise ValueError(f"probe mode {probe_cfg.mode!r} needs embed_fn and load_images; or set "
                          "probe_cfg.mode='features'")
     train_labels = np.asarray(train_labels)
     probe_key, full_key = jax.random.split(key)
     # One unit per probe: the random draws, the other selections, the full-data fit.
-    units = draws * ("random" in methods) + sum(m in methods for m in ("centroid", "neighbour", "full"))
+    units = draws * ("random" in names) + sum(m in names for m in ("centroid", "neighbour", "full"))
     bar = progress.Progress(units, getattr(probe_cfg, "progress", ""), "baselines", unit="probe")
     done = 0
 
@@ -210,19 +198,19 @@ def run_baselines(key, *, train_feats, train_labels, test_feats, test_labels, nu
         return res
 
     out = {}
-    if "random" in methods:
+    if "random" in names:
         res = [run(random_indices(train_labels, num_classes, ipc, d), f"random, numpy seed {d}")
                for d in range(draws)]
         out["random"] = {**pool_draws(res), **(meta or {}),
                          "selection": f"random, {ipc} per class, {draws} draws (numpy seeds 0..{draws - 1}); "
                                       "mean/std over draws x seeds"}
-    if "centroid" in methods:
+    if "centroid" in names:
         idx = centroid_indices(train_feats, train_labels, num_classes, ipc, centroid_method)
         out["centroid"] = run(idx, f"class centroid ({centroid_method}), {ipc} per class")
-    if "neighbour" in methods:
+    if "neighbour" in names:
         idx = neighbour_indices(train_feats, train_labels, distilled_feats, distilled_labels)
         out["neighbour"] = run(idx, "nearest real image (same class) of each distilled image")
-    if "full" in methods:
+    if "full" in names:
         out["full"] = full_dataset_probe(full_key, train_feats, train_labels, test_feats, test_labels,
                                          num_classes=num_classes, cfg=full_cfg, meta=meta)
         bar.update(done + 1)

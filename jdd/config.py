@@ -181,6 +181,10 @@ def base_config() -> ml_collections.ConfigDict:
                                # augmented as the full protocol does (fixed per run), so that keep_best and
                                # choices made on the curve see what crops do to the set (one forward of
                                # V x M images per track)
+        track_holdout=0.0,     # > 0: this fraction of each class of the train split (stratified, fixed by the
+                               # seed) is held out: the objective's cached real features, the centroid start
+                               # and the greedy picks never see it, and the tracker (so keep_best and the
+                               # plateau stop) scores on it only, not on the images the set is fitted to
         progress="bar",        # protocol evaluation and baselines: "bar" (tqdm), "log" (INFO lines), "" (silent)
         keep_best=False,       # export the tracked-best set instead of the last one (needs track_every)
         patience=0,            # stop early after this many tracks without a new best (0 = never;

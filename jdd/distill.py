@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from jdd import context, data, evaluators, loop, parallel, results as results_lib, sets, signals, step as step_lib
-from jdd import methods, validation, workdir as workdir_lib
+from jdd import methods, selection, validation, workdir as workdir_lib
 from jdd.methods import clp
 
 log = logging.getLogger("jdd")
@@ -67,20 +67,35 @@ def train_cache(ctx: context.Context, views: int = 1):
     return ctx.caches.get(ctx.train, ctx.config.data.train_split, ctx.backbone, ctx.embed, views=views)
 
 
+def holdout_rows(cache, fraction: float, seed: int):
+    """(fit rows, held-out rows) of the train cache for ``eval.track_holdout`` = ``fraction`` (a
+    stratified slice of each class, fixed by ``seed``: the same on resume), or (None, None) for 0.
+    Why: the tracker picks the exported set (keep_best) and the defaults (docs/panel.md); without a
+    held-out slice it scores on images the objective fits, so a gain on it could be the set fitting
+    those images rather than the class (docs/panel.md#a-tracker-on-held-out-train-images)."""
+    if not fraction or cache is None:
+        return None, None
+    return selection.held_out_split(cache.labels, fraction, seed)
+
+
 def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
     """The optimisation of ``ctx``'s run (resumed when its workdir has checkpoints); the host set."""
     c, spec, method = ctx.config, ctx.spec, ctx.method
     key = jax.random.PRNGKey(c.seed)
     plain = train_cache(ctx) if (c.syn.init in ("centroid", "greedy") or c.eval.track_every) else None
+    fit, held = holdout_rows(plain, c.eval.track_holdout, c.seed)
 
     real_cache, consts, batches = None, {}, None
     if spec.real_source == "cache" or method.prepare is not None:
         cache = plain if plain is not None and c.real.cache_views == 1 else train_cache(ctx, views=c.real.cache_views)
         if spec.real_source == "cache":
-            real_cache = loop.cache_arrays(cache, spec.num_classes)
+            real_cache = loop.cache_arrays(cache, spec.num_classes, rows=fit)
         if method.prepare is not None:
             feats = cache.features.reshape(len(cache.labels), -1, cache.features.shape[-1])[:, 0]
-            consts = method.prepare(jax.random.fold_in(key, 1 << 20), feats, cache.labels, spec.num_classes,
+            labels = np.asarray(cache.labels)
+            if fit is not None:
+                feats, labels = np.asarray(feats)[fit], labels[fit]
+            consts = method.prepare(jax.random.fold_in(key, 1 << 20), feats, labels, spec.num_classes,
                                     spec.method_cfg)
     if spec.real_source == "backbone":
         # balanced: per_class of every class; shuffled: as many, drawn from the whole split (the LGM loader)
@@ -91,20 +106,30 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
             seed=c.seed, train=True, start_step=start, process_index=jax.process_index(),
             process_count=jax.process_count(), workers=c.data.workers or None)
 
+    fit_feats = fit_labels = None
+    if plain is not None:
+        fit_feats, fit_labels = plain.view(0), np.asarray(plain.labels)
+        if fit is not None:
+            fit_feats, fit_labels = np.asarray(fit_feats)[fit], fit_labels[fit]
     set_loss = None
     if c.syn.init == "greedy":  # CLP's outer loss with the run's CLP settings (CLP's defaults for other methods)
         clp_cfg = spec.method_cfg if c.method_name == "clp" else methods.get("clp").default_config()
-        set_loss = clp.set_loss_fn(plain.view(0), plain.labels, spec.num_classes, c.syn.ipc, clp_cfg,
+        set_loss = clp.set_loss_fn(fit_feats, fit_labels, spec.num_classes, c.syn.ipc, clp_cfg,
                                    real_per_class=c.syn.greedy_real_per_class, seed=c.seed)
     init_images = loop.initial_images(
         c.syn.init, ctx.train, ipc=c.syn.ipc, res=c.syn.res, real_res=c.data.real_res, crop_res=c.data.crop_res,
-        seed=c.seed, train_feats=plain.view(0) if plain else None, train_labels=plain.labels if plain else None,
+        seed=c.seed, train_feats=fit_feats, train_labels=fit_labels, rows=fit,
         set_loss=set_loss, candidates=c.syn.greedy_candidates, sweeps=c.syn.greedy_sweeps)
     feat_dim = int(jax.eval_shape(ctx.embed, jax.ShapeDtypeStruct((1, c.data.crop_res, c.data.crop_res, 3),
                                                                   jnp.float32)).shape[-1])
     score = None
     if c.eval.track_every:
-        score = evaluators.tracker(jax.random.fold_in(key, 2 << 20), plain.view(0), plain.labels, ctx.embed,
+        track_feats, track_labels = plain.view(0), plain.labels
+        if held is not None:
+            track_feats, track_labels = np.asarray(track_feats)[held], np.asarray(track_labels)[held]
+            log.info("tracker: scores on %d held-out train images (eval.track_holdout = %g of each class), "
+                     "which the objective and the start never see", len(held), c.eval.track_holdout)
+        score = evaluators.tracker(jax.random.fold_in(key, 2 << 20), track_feats, track_labels, ctx.embed,
                                    num_classes=spec.num_classes,
                                    cfg=evaluators.probe_config(c.eval, c.data.crop_res), seeds=c.eval.track_seeds,
                                    views=c.eval.track_views)

@@ -113,4 +113,4 @@ def evaluate_baselines(key, *, train_feats, train_labels, test_feats, test_label
     return baselines.run_baselines(
         key, train_feats=train_feats, train_labels=train_labels, test_feats=test_feats,
         test_labels=test_labels, num_classes=num_classes, ipc=ipc, probe_cfg=cfg, embed_fn=embed,
-        load_images=load_images, meta=meta, methods=names, draws=draws, **kw)
+        load_images=load_images, meta=meta, names=names, draws=draws, **kw)

@@ -35,6 +35,9 @@ STOP_NAME = "stop.json"  # why the loop ended (stop_record)
 # Config sections that may change between a run and its resumption: they do not change the trajectory.
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_ckpts", "png_every", "budget_minutes", "eval",
                      "parallel", "resume_allow")
+# Keys inside those sections that do change the trajectory (the held-out images leave the objective's
+# real features), with the value that a config saved before the key existed meant.
+TRAJECTORY_KEYS = {"eval.track_holdout": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +135,7 @@ def stop_record(reason: str, step: int, schedule: Schedule, minutes: float, plat
 # ----------------------------------------------------------------------------------------- state
 
 def initial_images(init: str, source, *, ipc: int, res: int, real_res: int, crop_res: int, seed: int,
-                   train_feats=None, train_labels=None, set_loss=None, candidates: int = 32,
+                   train_feats=None, train_labels=None, rows=None, set_loss=None, candidates: int = 32,
                    sweeps: int = 2) -> np.ndarray | None:
     """Initial images [M, res, res, 3] (class-major) or None for noise.
 
@@ -140,6 +143,7 @@ def initial_images(init: str, source, *, ipc: int, res: int, real_res: int, crop
     feature (herding for ipc > 1; needs the cached ``train_feats`` / ``train_labels``), so the run
     starts from the strongest real-image baseline and every step has to improve on it; "greedy": from
     the centroid picks, ``selection.greedy_indices`` on ``set_loss`` (e.g. ``methods.clp.set_loss_fn``).
+    ``rows``: the indices into ``source`` of the rows of ``train_feats`` (None: all of the split, in order).
     """
     if init == "noise":
         return None
@@ -151,19 +155,26 @@ def initial_images(init: str, source, *, ipc: int, res: int, real_res: int, crop
                                            start=start, candidates=candidates, sweeps=sweeps)
             log.info("greedy start: %d of %d picks differ from the centroid start (%.1f s)",
                      int(np.sum(idx != start)), len(idx), time.perf_counter() - t0)
+        if rows is not None:
+            idx = np.asarray(rows)[idx]
+    elif rows is not None:  # random real images, drawn from the given rows only
+        idx = np.asarray(rows)[selection.random_indices(train_labels, source.num_classes, ipc, seed)]
     else:
         idx = data.class_samples(source, ipc, seed=seed).reshape(-1)
     return data.load_images(source, idx, real_res=max(res, round(res * real_res / crop_res)),
                             crop_res=res, train=False)
 
 
-def cache_arrays(cache, num_classes: int) -> dict:
-    """Device arrays for in-step sampling: rows sorted by class, with per-class offsets and counts."""
-    feats = np.asarray(cache.features)
+def cache_arrays(cache, num_classes: int, rows=None) -> dict:
+    """Device arrays for in-step sampling: rows sorted by class, with per-class offsets and counts;
+    ``rows`` (indices into the cache): only those (e.g. without a held-out slice), else all."""
+    feats, labels = np.asarray(cache.features), np.asarray(cache.labels)
+    if rows is not None:
+        feats, labels = feats[rows], labels[rows]
     if feats.ndim == 2:
         feats = feats[:, None]
-    order = np.argsort(cache.labels, kind="stable")
-    counts = np.bincount(cache.labels, minlength=num_classes).astype(np.int32)
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=num_classes).astype(np.int32)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
     return {"feats": feats[order], "offsets": offsets, "counts": counts}
 
@@ -195,9 +206,15 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def check_resumable(saved: dict, meta: dict, ckpt_dir: str, allow: tuple[str, ...] = ()) -> None:
     """Refuses to resume with a config that would change the trajectory, except the keys in ``allow``
     (e.g. ``syn.lr`` to continue a run with a lower learning rate)."""
-    skip = lambda k: any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES + tuple(allow))  # noqa: E731
+    def skip(k):
+        if any(k == a or k.startswith(a + ".") for a in allow):
+            return True
+        return k not in TRAJECTORY_KEYS and any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)
     now = {k: v for k, v in _flat(meta["config"]).items() if not skip(k)}
     then = {k: v for k, v in _flat(saved.get("config", {})).items() if not skip(k)}
+    for k, default in TRAJECTORY_KEYS.items():
+        if k in now:
+            then.setdefault(k, default)
     diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
     if diff:
         shown = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])

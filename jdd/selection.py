@@ -15,6 +15,8 @@ and the baselines share them without either importing the other.
   probe fitted on the picks, scored on real features), from a given start (the centroid picks): each
   sweep visits every slot and puts there the candidate of its class (the images nearest the class
   mean) that gives the lowest loss. Only features: no backward pass, no image is decoded.
+- held-out split: a stratified slice of each class (fixed by a seed), for a probe scored on train
+  images that a fit never saw (the full-data probe's l2, the tracker with `eval.track_holdout`).
 - neighbour: for each distilled image, the real image of the same class whose feature is nearest its
   feature (soft labels: the arg-max class). Two distilled images may share a neighbour; it is kept twice,
   so the set keeps the distilled set's size and labels.
@@ -32,6 +34,21 @@ def _class_members(train_labels, num_classes: int, ipc: int) -> list[np.ndarray]
         listed = ", ".join(f"class {c} has {k}" for c, k in small[:5]) + (", ..." if len(small) > 5 else "")
         raise ValueError(f"ipc={ipc} is more than some classes hold ({listed}); lower ipc")
     return members
+
+
+def held_out_split(train_labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) indices into the split, each sorted: round(fraction * n_c) of each class's n_c
+    images held out (at least 1 and at most n_c - 1 when n_c >= 2; none of a single-image class),
+    chosen by ``numpy.random.default_rng(seed)``."""
+    labels = np.asarray(train_labels)
+    rng = np.random.default_rng(seed)
+    fit, held = [], []
+    for c in np.unique(labels):
+        m = rng.permutation(np.flatnonzero(labels == c))
+        k = min(len(m) - 1, max(1, int(round(fraction * len(m))))) if len(m) >= 2 else 0
+        held.append(m[:k])
+        fit.append(m[k:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
 
 
 def random_indices(train_labels, num_classes: int, ipc: int, seed: int) -> np.ndarray:

@@ -169,6 +169,7 @@ RULES: tuple[Rule, ...] = (
     Rule("eval.track_every", integer(0), "0 = off"),
     Rule("eval.track_seeds", integer(1)),
     Rule("eval.track_views", integer(0), "0 = the plain features"),
+    Rule("eval.track_holdout", real(0.0, 1.0, hi_open=True), "the held-out fraction of each class; 0 = none"),
     Rule("eval.patience", integer(0), "0 = never stop early"),
     Rule("eval.min_delta", real(0.0), "top-1 points; 0 = any gain is a new best"),
     Rule("eval.progress", one_of(("bar", "log", "")), "'' = silent"),
@@ -287,6 +288,15 @@ def _cross(config) -> None:
     if g("eval.keep_best") is True and not g("eval.track_every"):
         raise ConfigError("--config.eval.keep_best=True needs --config.eval.track_every > 0: the tracked probe "
                           "picks the best set")
+    holdout = g("eval.track_holdout")
+    if holdout not in (_MISSING, 0, 0.0):
+        if not g("eval.track_every"):
+            raise ConfigError(f"--config.eval.track_holdout={holdout} needs --config.eval.track_every > 0: the "
+                              "held-out images are what the tracker scores on")
+        if g("real.source") == "backbone":
+            raise refuse("eval.track_holdout", holdout, "0 with real.source=backbone",
+                         "only cached real features can leave the held-out images out of the objective; "
+                         "set --config.real.source=cache")
     patience = g("eval.patience")
     if patience is not _MISSING and patience and not g("eval.track_every"):
         raise ConfigError(f"--config.eval.patience={patience} needs --config.eval.track_every > 0: it counts "

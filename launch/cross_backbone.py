@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdd import backbones, data, probe, progress, sets
+from jdd.context import backbone_id  # name + weights' content hash: other weights never reuse a cache
 
 log = logging.getLogger("jdd")
 
@@ -84,8 +85,7 @@ def probe_cfg(a):
 def test_features(a, source, bb):
     """The test split's features under `bb` (centre crops), from the feature cache."""
     apply = jax.jit(lambda x: bb.apply(bb.params, x)[a.feature])
-    key = {"backbone": os.path.abspath(bb.name) if os.path.isdir(bb.name) else bb.name, "feature": a.feature,
-           "dataset": a.dataset, "classes": a.classes}
+    key = {**backbone_id(bb), "feature": a.feature, "dataset": a.dataset, "classes": a.classes}
     cache = data.feature_cache(source, lambda x: np.asarray(apply(jnp.asarray(x))), key=key, cache_dir=a.cache_dir,
                                res=a.real_res, crop_res=a.crop_res)
     return cache.excluding_unreadable()

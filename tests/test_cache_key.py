@@ -6,6 +6,7 @@ differs. Two processes sharing a cache directory: one builds, the other waits an
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import pytest
 from PIL import Image
 
 import jdd.data as jd
-from jdd import backbones, context, fingerprint
+from jdd import backbones, config, context, fingerprint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RES, CROP = 20, 16
@@ -101,6 +102,29 @@ def _tiny_dinov2(path: pathlib.Path, seed: int) -> None:
     model = transformers.Dinov2Model(transformers.Dinov2Config(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, patch_size=8, image_size=32))
     model.save_pretrained(str(path))
+
+
+@pytest.mark.slow  # transformers writes a real checkpoint
+def test_a_study_scripts_cache_key_is_a_runs_key_and_follows_the_weights(tmp_path, monkeypatch):
+    """launch/studies/res_choice.py builds its caches under the key of a run's train-split cache (so the
+    configs' runs find them) and, like a run's, the key changes with the weights in the directory."""
+    monkeypatch.setenv("JDD_CACHE_HOME", str(tmp_path / "home"))
+    spec = importlib.util.spec_from_file_location("res_choice", REPO / "launch" / "studies" / "res_choice.py")
+    res_choice = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(res_choice)
+    data = _tree(tmp_path / "d", {"a": (200, 10, 10)}, n=1)
+    (data / "train").mkdir()  # an ImageFolder root to use_data
+    c = config.base_config()
+    config.use_data(c, "imagefolder", str(data))
+    c.data.real_res, c.data.crop_res, c.backbone.feature = RES, CROP, res_choice.FEATURE
+    caches = context.FeatureCaches.from_config(c, str(tmp_path / "runs" / "a"))
+    ckpt, keys = tmp_path / "ckpt", []
+    for seed in (0, 1):  # the same config.json, other weights, written to the same directory
+        _tiny_dinov2(ckpt, seed)
+        bb = backbones.load(str(ckpt))
+        keys.append(res_choice.cache_key(str(data), bb, RES, CROP))
+        assert keys[-1] == caches.key("train", bb, views=1)
+    assert keys[0]["weights"] != keys[1]["weights"]
 
 
 @pytest.mark.slow  # transformers writes a real checkpoint; the backbone is compiled

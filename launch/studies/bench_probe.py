@@ -24,6 +24,7 @@ import numpy as np
 import jdd.backbones
 import jdd.data
 from jdd import baselines, probe, results as results_lib
+from jdd.context import backbone_id
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -52,8 +53,8 @@ def main():
     backbone = jdd.backbones.load(args.checkpoint)
     apply = jax.jit(backbone.apply)
     embed_np = lambda x: apply(backbone.params, x)["embedding"]  # noqa: E731 (for the feature cache)
-    cache_key = {"backbone": os.path.basename(os.path.normpath(args.checkpoint)), "feature": "embedding",
-                 "checkpoint": os.path.abspath(args.checkpoint)}
+    # name + weights' content hash: other weights written to the same directory never reuse the cache
+    cache_key = {**backbone_id(backbone), "feature": "embedding"}
     t0 = time.perf_counter()
     sources, feats, labels = {}, {}, {}
     for split in ("train", "val"):
@@ -78,7 +79,7 @@ def main():
             jax.random.PRNGKey(args.seed), train_feats=feats["train"], train_labels=labels["train"],
             test_feats=feats["val"], test_labels=labels["val"], num_classes=num_classes, ipc=args.ipc,
             probe_cfg=cfg, embed_fn=probe.embedder(backbone.apply, backbone.params), load_images=load,
-            methods=(method,), draws=args.draws, meta=meta))
+            names=(method,), draws=args.draws, meta=meta))
         r = results[method]
         print(f"{method}: top-1 {r['top1_mean']:.2f} +- {r['top1_std']:.2f} ({r['wall_time_s']:.1f} s)", flush=True)
     run_meta = {**meta, "feature_cache_s": round(cache_s, 1), "load_average": os.getloadavg(),

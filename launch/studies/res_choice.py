@@ -41,6 +41,7 @@ import numpy as np
 import jdd.backbones
 import jdd.data
 from jdd import baselines, probe, selection
+from jdd.context import backbone_id
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FEATURE = "embedding"
@@ -74,22 +75,12 @@ def parse_res(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, held-out) indices, sorted: round(fraction * n_c) of each class held out."""
-    rng = np.random.default_rng(seed)
-    fit, held = [], []
-    for c in np.unique(labels):
-        m = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(fraction * len(m)))
-        held.append(m[:k])
-        fit.append(m[k:])
-    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
-
-
-def cache_key(data: str, backbone: str, real_res: int, crop_res: int) -> dict:
-    """The key `jdd.distill.feature_cache` builds for a train-split cache (config defaults, float32)."""
+def cache_key(data: str, backbone, real_res: int, crop_res: int) -> dict:
+    """The key a run's train-split cache has (`jdd.context.FeatureCaches.key`, config defaults, float32):
+    the backbone by its name and its weights' content hash, so the cache is shared with runs and never
+    served for other weights."""
     return dict(dataset="imagefolder", data_dir=os.path.abspath(data), split="train", classes="",
-                backbone=os.path.abspath(backbone), dtype="float32", feature=FEATURE, real_res=real_res,
+                **backbone_id(backbone), dtype="float32", feature=FEATURE, real_res=real_res,
                 crop_res=crop_res, views=1)
 
 
@@ -124,13 +115,13 @@ def measure(args, backbone, real_res: int, crop_res: int) -> dict:
     source = jdd.data.load_source("imagefolder", "train", data_dir=args.data)
     t0 = time.perf_counter()
     cache = jdd.data.feature_cache(source, lambda x: np.asarray(embed(jnp.asarray(x))),
-                                   key=cache_key(args.data, args.backbone, real_res, crop_res),
+                                   key=cache_key(args.data, backbone, real_res, crop_res),
                                    cache_dir=args.cache_dir, res=real_res, crop_res=crop_res)
     cache_s = time.perf_counter() - t0
     feats, labels = np.asarray(cache.view(0), np.float32), np.asarray(cache.labels)
     num_classes = cache.num_classes
 
-    fit, held = stratified_split(labels, args.held_fraction, args.split_seed)
+    fit, held = selection.held_out_split(labels, args.held_fraction, args.split_seed)
     fz, fy, hz, hy = feats[fit], labels[fit], jnp.asarray(feats[held]), jnp.asarray(labels[held])
     if args.npy_dir:
         d = pathlib.Path(args.npy_dir) / f"{real_res}_{crop_res}"

@@ -1,0 +1,73 @@
+"""eval.track_holdout: the tracker scores on a held-out slice of the train split that the objective's
+real features and the centroid start never see; the slice is fixed by the seed, and a resumed run
+cannot change it (it changes the trajectory)."""
+import numpy as np
+import pytest
+
+from conftest import load_tiny_config, make_imagefolder
+from jdd import data, distill, evaluators, loop, selection
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("holdout_imagefolder"), counts={"train": 6, "val": 2}, seed=0)
+
+
+def test_held_out_split_is_stratified_disjoint_and_fixed_by_the_seed():
+    labels = np.repeat(np.arange(3), [10, 5, 2])
+    fit, held = selection.held_out_split(labels, 0.2, seed=0)
+    assert np.array_equal(np.sort(np.concatenate([fit, held])), np.arange(len(labels)))
+    assert np.bincount(labels[held], minlength=3).tolist() == [2, 1, 1]  # round(0.2 n), at least 1
+    again, other = selection.held_out_split(labels, 0.2, seed=0), selection.held_out_split(labels, 0.2, seed=1)
+    assert np.array_equal(again[1], held) and not np.array_equal(other[1], held)
+    _, most = selection.held_out_split(labels, 0.9, seed=0)
+    assert np.bincount(labels[most], minlength=3).tolist() == [9, 4, 1]  # a class keeps one image to fit
+
+
+def test_a_run_tracks_on_the_held_out_slice_and_fits_the_rest(tiny_data, tmp_path, monkeypatch):
+    seen = {}
+    rows, tracker, run_loop, load = distill.holdout_rows, evaluators.tracker, loop.distill, data.load_images
+
+    def spy_rows(cache, fraction, seed):
+        seen["plain"], seen["labels"] = np.asarray(cache.view(0)), np.asarray(cache.labels)
+        seen["fit"], seen["held"] = out = rows(cache, fraction, seed)
+        return out
+
+    def spy_tracker(key, feats, labels, *args, **kwargs):
+        seen["tracked"], seen["tracked_labels"] = np.asarray(feats), np.asarray(labels)
+        return tracker(key, feats, labels, *args, **kwargs)
+
+    def spy_loop(**kwargs):
+        seen["real"] = np.asarray(kwargs["real_cache"]["feats"])[:, 0]
+        return run_loop(**kwargs)
+
+    def spy_load(source, idx, **kwargs):
+        seen.setdefault("start", np.asarray(idx))  # the first images read are the centroid start
+        return load(source, idx, **kwargs)
+
+    monkeypatch.setattr(distill, "holdout_rows", spy_rows)
+    monkeypatch.setattr(evaluators, "tracker", spy_tracker)
+    monkeypatch.setattr(loop, "distill", spy_loop)
+    monkeypatch.setattr(data, "load_images", spy_load)
+    c = load_tiny_config().get_config(f"data={tiny_data},steps=2,init=centroid")
+    c.eval.track_every, c.eval.track_holdout = 2, 0.5
+    distill.run(c, str(tmp_path))
+
+    fit, held = seen["fit"], seen["held"]
+    assert len(fit) == len(held) == 12 and not set(fit.tolist()) & set(held.tolist())  # 3 of each class's 6
+    np.testing.assert_array_equal(seen["tracked"], seen["plain"][held])
+    np.testing.assert_array_equal(seen["tracked_labels"], seen["labels"][held])
+    assert sorted(map(tuple, seen["real"].tolist())) == sorted(map(tuple, seen["plain"][fit].tolist()))
+    assert len(seen["start"]) == 4 and set(seen["start"].tolist()) <= set(fit.tolist())
+
+
+def test_resume_refuses_another_holdout_and_reads_older_configs_as_none():
+    def meta(**evals):
+        return {"config": {"syn": {"lr": 0.1}, "eval": {"track_every": 10, **evals}}}
+    loop.check_resumable(meta(track_holdout=0.0), meta(track_holdout=0.0, track_every=20), "ckpt")  # eval may change
+    loop.check_resumable(meta(), meta(track_holdout=0.0), "ckpt")  # saved before the key existed: no holdout
+    with pytest.raises(ValueError, match=r"eval.track_holdout: 0.0 -> 0.2"):
+        loop.check_resumable(meta(track_holdout=0.0), meta(track_holdout=0.2), "ckpt")
+    with pytest.raises(ValueError, match="eval.track_holdout"):
+        loop.check_resumable(meta(), meta(track_holdout=0.2), "ckpt")
+    loop.check_resumable(meta(track_holdout=0.0), meta(track_holdout=0.2), "ckpt", allow=("eval.track_holdout",))
