@@ -78,12 +78,21 @@ def holdout_rows(cache, fraction: float, seed: int):
     return selection.held_out_split(cache.labels, fraction, seed)
 
 
+def fit_rows(cache, rows):
+    """View 0 of ``cache``'s features at ``rows`` and their labels; all rows when ``rows`` is None (then
+    the features stay a memory-mapped view, no copy)."""
+    feats, labels = cache.view(0), np.asarray(cache.labels)
+    return (feats, labels) if rows is None else (np.asarray(feats)[rows], labels[rows])
+
+
 def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
     """The optimisation of ``ctx``'s run (resumed when its workdir has checkpoints); the host set."""
     c, spec, method = ctx.config, ctx.spec, ctx.method
     key = jax.random.PRNGKey(c.seed)
     plain = train_cache(ctx) if (c.syn.init in ("centroid", "greedy") or c.eval.track_every) else None
     fit, held = holdout_rows(plain, c.eval.track_holdout, c.seed)
+    # sliced once: the start, greedy's loss and (with a 1-view cache) the method's constants read them
+    fit_feats, fit_labels = fit_rows(plain, fit) if plain is not None else (None, None)
 
     real_cache, consts, batches = None, {}, None
     if spec.real_source == "cache" or method.prepare is not None:
@@ -91,10 +100,7 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
         if spec.real_source == "cache":
             real_cache = loop.cache_arrays(cache, spec.num_classes, rows=fit)
         if method.prepare is not None:
-            feats = cache.features.reshape(len(cache.labels), -1, cache.features.shape[-1])[:, 0]
-            labels = np.asarray(cache.labels)
-            if fit is not None:
-                feats, labels = np.asarray(feats)[fit], labels[fit]
+            feats, labels = (fit_feats, fit_labels) if cache is plain else fit_rows(cache, fit)
             consts = method.prepare(jax.random.fold_in(key, 1 << 20), feats, labels, spec.num_classes,
                                     spec.method_cfg)
     if spec.real_source == "backbone":
@@ -106,11 +112,6 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
             seed=c.seed, train=True, start_step=start, process_index=jax.process_index(),
             process_count=jax.process_count(), workers=c.data.workers or None)
 
-    fit_feats = fit_labels = None
-    if plain is not None:
-        fit_feats, fit_labels = plain.view(0), np.asarray(plain.labels)
-        if fit is not None:
-            fit_feats, fit_labels = np.asarray(fit_feats)[fit], fit_labels[fit]
     set_loss = None
     if c.syn.init == "greedy":  # CLP's outer loss with the run's CLP settings (CLP's defaults for other methods)
         clp_cfg = spec.method_cfg if c.method_name == "clp" else methods.get("clp").default_config()
