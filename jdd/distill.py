@@ -78,7 +78,7 @@ def holdout_rows(cache, fraction: float, seed: int):
     return selection.held_out_split(cache.labels, fraction, seed)
 
 
-def fit_rows(cache, rows):
+def view_rows(cache, rows):
     """View 0 of ``cache``'s features at ``rows`` and their labels; all rows when ``rows`` is None (then
     the features stay a memory-mapped view, no copy)."""
     feats, labels = cache.view(0), np.asarray(cache.labels)
@@ -92,7 +92,7 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
     plain = train_cache(ctx) if (c.syn.init in ("centroid", "greedy") or c.eval.track_every) else None
     fit, held = holdout_rows(plain, c.eval.track_holdout, c.seed)
     # sliced once: the start, greedy's loss and (with a 1-view cache) the method's constants read them
-    fit_feats, fit_labels = fit_rows(plain, fit) if plain is not None else (None, None)
+    fit_feats, fit_labels = view_rows(plain, fit) if plain is not None else (None, None)
 
     real_cache, consts, batches = None, {}, None
     if spec.real_source == "cache" or method.prepare is not None:
@@ -100,7 +100,7 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
         if spec.real_source == "cache":
             real_cache = loop.cache_arrays(cache, spec.num_classes, rows=fit)
         if method.prepare is not None:
-            feats, labels = (fit_feats, fit_labels) if cache is plain else fit_rows(cache, fit)
+            feats, labels = (fit_feats, fit_labels) if cache is plain else view_rows(cache, fit)
             consts = method.prepare(jax.random.fold_in(key, 1 << 20), feats, labels, spec.num_classes,
                                     spec.method_cfg)
     if spec.real_source == "backbone":
@@ -125,9 +125,8 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
                                                                   jnp.float32)).shape[-1])
     score = None
     if c.eval.track_every:
-        track_feats, track_labels = plain.view(0), plain.labels
+        track_feats, track_labels = view_rows(plain, held)
         if held is not None:
-            track_feats, track_labels = np.asarray(track_feats)[held], np.asarray(track_labels)[held]
             log.info("tracker: scores on %d held-out train images (eval.track_holdout = %g of each class), "
                      "which the objective and the start never see", len(held), c.eval.track_holdout)
         score = evaluators.tracker(jax.random.fold_in(key, 2 << 20), track_feats, track_labels, ctx.embed,
