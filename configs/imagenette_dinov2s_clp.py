@@ -6,14 +6,16 @@
 TFDS ``imagenette`` builder; ``backbone``: a local Hugging Face checkpoint dir or hub name.
 Real features come from a feature cache, so a step only encodes the synthetic copies.
 
-What it runs: 1 image per class (10 images, 112 px pixels, centroid start), 1 augmented copy a step,
-for its 20-minute budget (caches and compilation included), the best set on the train-split
-tracking probe kept; then the LGM evaluation protocol (1000 epochs, 5 seeds) on val.
+What it runs: 1 image per class (10 images, 112 px pixels, centroid start), 1 augmented copy a step
+(crops 0.5-1 of the area before step 1000, then 0.25-1), for its 20-minute budget (caches and
+compilation included), the best set on the train-split tracking probe kept; then the LGM evaluation
+protocol (1000 epochs, 5 seeds) on val.
 
-What to expect (quiet 2-core CPU, no accelerator, 2026-12-06, docs/panel.md): ~2,200 steps in the 20
-minutes (the train feature cache, ~4 min, included), the set of step 1750 kept: top-1 **66.87 +- 0.32**
-under the LGM protocol (2 probe seeds), against 42.25 +- 2.28 for the class centroids it starts from
-(87.3 for a probe on all train images, docs/results.md); ~16 min for the evaluation (5 seeds). On an
+What to expect (quiet 2-core CPU, no accelerator, 2026-12-07, docs/panel.md#the-configs-with-the-crop-schedule-their-sets-on-val):
+~1,600-2,200 steps in the 20 minutes (the train feature cache, ~4 min, included; the step rate of this
+CPU varied between hours), the set of step 1400 of 1560 kept: top-1 **63.91 +- 0.01** under the LGM
+protocol (2 probe seeds), against 42.25 +- 2.28 for the class centroids it starts from (87.3 for a
+probe on all train images, docs/results.md); ~16 min for the evaluation (5 seeds). On an
 accelerator: not measured here. ``runlocal``: a 2.7-minute smoke run.
 """
 from jdd import config as jc
