@@ -181,6 +181,29 @@ def test_clp_perfect_fit_when_syn_is_real_and_ridge_vanishes(outer):
     assert float(value) < 1e-4 and float(aux["real_acc"]) == 1.0
 
 
+def test_clp_with_lgm_term_is_clp_plus_weighted_lgm_distance():
+    syn, real = _problem(soft=True)
+    alone, _ = _jit(clp.loss, _cfg("clp"))({}, {}, KEY, syn, real)
+    dist, _ = _jit(lgm.loss, _cfg("lgm", num_heads=2))({}, {}, KEY, syn, real)
+    both, aux = _jit(clp.loss, _cfg("clp", lgm_weight=0.7, lgm_heads=2))({}, {}, KEY, syn, real)
+    assert float(dist) > 1e-3  # the term is not trivially zero on this problem
+    np.testing.assert_allclose(both, alone + 0.7 * dist, rtol=1e-5)
+    np.testing.assert_allclose(aux["cos"], 1.0 - dist, rtol=1e-5)
+    # Both terms move the synthetic features: the combined gradient differs from CLP's alone.
+    def grad(cfg):
+        return jax.grad(lambda z: clp.loss({}, {}, KEY, dict(syn, feats=z), real, cfg)[0])(syn["feats"])
+
+    g_alone, g_both = grad(_cfg("clp")), grad(_cfg("clp", lgm_weight=0.7, lgm_heads=2))
+    assert np.all(np.isfinite(g_both))
+    assert float(jnp.linalg.norm(g_both - g_alone)) > 1e-4 * float(jnp.linalg.norm(g_alone))
+
+
+def test_clp_rejects_a_negative_lgm_weight():
+    syn, real = _problem()
+    with pytest.raises(ValueError, match="lgm_weight"):
+        clp.loss({}, {}, KEY, syn, real, _cfg("clp", lgm_weight=-1.0))
+
+
 def test_kip_linear_equals_clp_mse_and_numpy():
     syn, real = _problem(soft=True)
     v_kip, _ = _jit(kip.loss, _cfg("kip", kernel="linear", ridge=0.03))({}, {}, KEY, syn, real)

@@ -15,6 +15,12 @@ The paper publishes no code; our choices (trace-scaled ridge, centred targets `Y
 bias, relative temperature) and their defaults were chosen by measurement: docs/tuning.md#clp
 (`launch/studies/tune_clp.py`, with the tables). Ridges <= 0.01 make sets that a closed-form ridge probe reads
 well but an SGD-trained probe does not (the set encodes the inverse of a near-singular Gram).
+
+`lgm_weight` > 0 adds LGM's loss (jdd.methods.lgm: the cosine distance between the real and synthetic
+CE gradients of random linear heads) on the same synthetic and real features, times that weight: CLP
+fits the ridge probe's solution, LGM the direction a probe trained from a small random init first moves,
+which is where the evaluation protocol's Adam probe starts. The real side costs nothing extra (cached
+features); measured on the tuning panel: docs/panel.md#clp-with-lgms-gradient-matching-at-20-minutes.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jdd.methods import base, linear
+from jdd.methods import base, lgm, linear
 
 NAME = "clp"
 
@@ -36,16 +42,22 @@ def default_config() -> ml_collections.ConfigDict:
         "fit_bias": True,       # unpenalised intercept (centres Z_s, Y_s by their means).
         "outer": "ce",          # "ce" | "mse" (ablation: MSE is much worse per the paper).
         "form": "auto",         # "auto" | "dual" | "primal" ridge solve.
+        # + lgm_weight x LGM's gradient-matching distance on the same features (jdd.methods.lgm:
+        # random heads N(0, lgm_head_std^2), cosine of the CE gradients); 0 = CLP alone.
+        "lgm_weight": 0.0,
+        "lgm_heads": 1,
+        "lgm_head_std": 0.01,
     })
 
 
 def loss(params, consts, key, syn, real, cfg):
-    del params, consts, key
+    del params, consts
     _, num_classes = base.check_inputs(NAME, syn, real)
     base.check_choice(NAME, "outer", cfg.outer, ("ce", "mse"))
     base.check_choice(NAME, "form", cfg.form, ("auto", "dual", "primal"))
     base.check_positive(NAME, "ridge", cfg.ridge)
     base.check_positive(NAME, "temperature", cfg.temperature)
+    base.check_positive(NAME, "lgm_weight", cfg.lgm_weight, allow_zero=True)
     zr, yr = linear.real_targets(real, num_classes)
     zs, ys = linear.f32(syn["feats"]), linear.f32(syn["labels"])
 
@@ -57,7 +69,14 @@ def loss(params, consts, key, syn, real, cfg):
     else:
         err = out - linear.regression_targets(yr, cfg.center_labels)
         value = jnp.mean(jnp.sum(err ** 2, axis=-1))
-    return value, {"real_acc": linear.accuracy(out, real["labels"])}
+    aux = {"real_acc": linear.accuracy(out, real["labels"])}
+    if cfg.lgm_weight:
+        base.check_positive(NAME, "lgm_heads", cfg.lgm_heads)
+        base.check_positive(NAME, "lgm_head_std", cfg.lgm_head_std)
+        dist = lgm.gradient_distance(key, zs, ys, zr, yr, head_std=cfg.lgm_head_std, num_heads=cfg.lgm_heads)
+        value = value + cfg.lgm_weight * dist
+        aux["cos"] = 1.0 - dist
+    return value, aux
 
 
 def set_loss_fn(train_feats, train_labels, num_classes: int, ipc: int, cfg, *, real_per_class: int = 20,
@@ -73,7 +92,8 @@ def set_loss_fn(train_feats, train_labels, num_classes: int, ipc: int, cfg, *, r
     real = {"feats": jnp.asarray(np.asarray(train_feats)[rows], jnp.float32),
             "labels": jnp.asarray(labels[rows], jnp.int32)}
     onehot = jax.nn.one_hot(jnp.repeat(jnp.arange(num_classes), ipc), num_classes, dtype=jnp.float32)
-    one = lambda z: loss(None, None, None, {"feats": z, "labels": onehot}, real, cfg)[0]  # noqa: E731
+    key = jax.random.PRNGKey(seed)  # only read by the optional LGM term
+    one = lambda z: loss(None, None, key, {"feats": z, "labels": onehot}, real, cfg)[0]  # noqa: E731
     return jax.jit(jax.vmap(one))
 
 

@@ -36,22 +36,27 @@ def cosine_distance(a, b):
     return 1.0 - jnp.dot(a, b) / jnp.maximum(jnp.linalg.norm(a) * jnp.linalg.norm(b), COS_EPS)
 
 
-def loss(params, consts, key, syn, real, cfg):
-    del params, consts
-    feat_dim, num_classes = base.check_inputs(NAME, syn, real)
-    base.check_positive(NAME, "head_std", cfg.head_std)
-    base.check_positive(NAME, "num_heads", cfg.num_heads)
-    zr, yr = linear.real_targets(real, num_classes)
-    zs, ys = linear.f32(syn["feats"]), linear.f32(syn["labels"])
-
+def gradient_distance(key, zs, ys, zr, yr, *, head_std: float, num_heads: int):
+    """Mean over ``num_heads`` random heads (w ~ N(0, head_std^2) [D, C], b = 0) of the cosine distance
+    between the flattened CE gradients w.r.t. (w, b) on the synthetic (zs [M, D], ys [M, C]) and the
+    real (zr, yr) features; the real side is a constant (no gradient flows to it)."""
     def one_head(k):
-        head = linear.init_probe(k, feat_dim, num_classes, cfg.head_std)
+        head = linear.init_probe(k, zs.shape[-1], ys.shape[-1], head_std)
         g_real = jax.lax.stop_gradient(linear.flatten(linear.ce_grads(head, zr, yr)))
         g_syn = linear.flatten(linear.ce_grads(head, zs, ys))
         return cosine_distance(g_real, g_syn)
 
-    dist = jax.vmap(one_head)(jax.random.split(key, cfg.num_heads))
-    value = jnp.mean(dist)
+    return jnp.mean(jax.vmap(one_head)(jax.random.split(key, num_heads)))
+
+
+def loss(params, consts, key, syn, real, cfg):
+    del params, consts
+    _, num_classes = base.check_inputs(NAME, syn, real)
+    base.check_positive(NAME, "head_std", cfg.head_std)
+    base.check_positive(NAME, "num_heads", cfg.num_heads)
+    zr, yr = linear.real_targets(real, num_classes)
+    zs, ys = linear.f32(syn["feats"]), linear.f32(syn["labels"])
+    value = gradient_distance(key, zs, ys, zr, yr, head_std=cfg.head_std, num_heads=cfg.num_heads)
     return value, {"cos": 1.0 - value}
 
 
