@@ -120,7 +120,9 @@ class Loader:
         return self.submit(req).result()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Cancels the queued loads and waits for the running ones (one image each), so that no worker
+        # logs after the caller has reported an error (e.g. a class with no readable image).
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prefetched(loader: Loader, requests: Iterator[Request], prefetch: int) -> Iterator[dict]:
