@@ -78,6 +78,11 @@ def holdout_rows(cache, fraction: float, seed: int):
     return selection.held_out_split(cache.labels, fraction, seed)
 
 
+def holdout_seed(c) -> int:
+    """The seed of the held-out slice: ``eval.holdout_seed``, or the run's ``seed`` when it is -1."""
+    return c.seed if c.eval.holdout_seed < 0 else c.eval.holdout_seed
+
+
 def view_rows(cache, rows):
     """View 0 of ``cache``'s features at ``rows`` and their labels; all rows when ``rows`` is None (then
     the features stay a memory-mapped view, no copy)."""
@@ -90,7 +95,7 @@ def distill(ctx: context.Context, *, t_start: float | None = None) -> dict:
     c, spec, method = ctx.config, ctx.spec, ctx.method
     key = jax.random.PRNGKey(c.seed)
     plain = train_cache(ctx) if (c.syn.init in ("centroid", "greedy") or c.eval.track_every) else None
-    fit, held = holdout_rows(plain, c.eval.track_holdout, c.seed)
+    fit, held = holdout_rows(plain, c.eval.track_holdout, holdout_seed(c))
     # sliced once: the start, greedy's loss and (with a 1-view cache) the method's constants read them
     fit_feats, fit_labels = view_rows(plain, fit) if plain is not None else (None, None)
 

@@ -37,7 +37,7 @@ RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_ckpts", "png_ever
                      "parallel", "resume_allow")
 # Keys inside those sections that do change the trajectory (the held-out images leave the objective's
 # real features), with the value that a config saved before the key existed meant.
-TRAJECTORY_KEYS = {"eval.track_holdout": 0.0}
+TRAJECTORY_KEYS = {"eval.track_holdout": 0.0, "eval.holdout_seed": -1}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -170,6 +170,7 @@ RULES: tuple[Rule, ...] = (
     Rule("eval.track_seeds", integer(1)),
     Rule("eval.track_views", integer(0), "0 = the plain features"),
     Rule("eval.track_holdout", real(0.0, 1.0, hi_open=True), "the held-out fraction of each class; 0 = none"),
+    Rule("eval.holdout_seed", integer(-1), "the seed of the held-out slice; -1 = the run's seed"),
     Rule("eval.patience", integer(0), "0 = never stop early"),
     Rule("eval.min_delta", real(0.0), "top-1 points; 0 = any gain is a new best"),
     Rule("eval.progress", one_of(("bar", "log", "")), "'' = silent"),

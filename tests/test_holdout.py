@@ -1,6 +1,6 @@
 """eval.track_holdout: the tracker scores on a held-out slice of the train split that the objective's
-real features and the centroid start never see; the slice is fixed by the seed, and a resumed run
-cannot change it (it changes the trajectory)."""
+real features and the centroid start never see; the slice is fixed by the seed (or by
+eval.holdout_seed), and a resumed run cannot change it (it changes the trajectory)."""
 import numpy as np
 import pytest
 
@@ -71,3 +71,26 @@ def test_resume_refuses_another_holdout_and_reads_older_configs_as_none():
     with pytest.raises(ValueError, match="eval.track_holdout"):
         loop.check_resumable(meta(), meta(track_holdout=0.2), "ckpt")
     loop.check_resumable(meta(track_holdout=0.0), meta(track_holdout=0.2), "ckpt", allow=("eval.track_holdout",))
+
+
+def test_holdout_seed_fixes_the_slice_whatever_the_run_seed(tiny_data, tmp_path, monkeypatch):
+    seeds, rows = [], distill.holdout_rows
+
+    def spy_rows(cache, fraction, seed):
+        seeds.append(seed)
+        return rows(cache, fraction, seed)
+
+    monkeypatch.setattr(distill, "holdout_rows", spy_rows)
+    for i, (seed, holdout_seed) in enumerate([(1, -1), (1, 0), (0, 7)]):
+        c = load_tiny_config().get_config(f"data={tiny_data},steps=1,init=centroid")
+        c.seed, c.eval.track_every, c.eval.track_holdout, c.eval.holdout_seed = seed, 1, 0.5, holdout_seed
+        distill.run(c, str(tmp_path / str(i)))
+    assert seeds == [1, 0, 7]  # -1 = the run's seed; otherwise the given one
+
+
+def test_resume_refuses_another_holdout_seed_and_reads_older_configs_as_the_run_seed():
+    def meta(**evals):
+        return {"config": {"seed": 0, "eval": {"track_every": 10, "track_holdout": 0.2, **evals}}}
+    loop.check_resumable(meta(), meta(holdout_seed=-1), "ckpt")  # saved before the key existed
+    with pytest.raises(ValueError, match=r"eval.holdout_seed: -1 -> 3"):
+        loop.check_resumable(meta(), meta(holdout_seed=3), "ckpt")

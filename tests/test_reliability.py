@@ -83,6 +83,7 @@ BAD = [  # (key, value, fragment of what is allowed)
     ("parallel.num_devices", -1, ">= 0"), ("parallel.shard_state_mb", -1.0, ">= 0"),
     ("eval.mode", "fast", "'features'"), ("eval.epochs", 0, ">= 1"), ("eval.seeds", 0, ">= 1"),
     ("eval.progress", "tqdm", "'log'"), ("eval.track_every", -1, ">= 0"), ("eval.track_seeds", 0, ">= 1"), ("eval.track_views", -1, ">= 0"), ("eval.patience", -1, ">= 0"),
+    ("eval.holdout_seed", -2, ">= -1"),
     ("method.ridge", 0.0, "> 0"), ("method.temperature", 1e-30, "[0.0001, 10000]"), ("method.outer", "l1", "'mse'"),
     ("method.form", "qr", "'primal'"), ("method.lgm_weight", -1.0, ">= 0"), ("method.lgm_heads", 0, ">= 1"),
     ("method.lgm_head_std", 0.0, "> 0"),
