@@ -186,8 +186,8 @@ def base_config() -> ml_collections.ConfigDict:
                                # and the greedy picks never see it, and the tracker (so keep_best and the
                                # plateau stop) scores on it only, not on the images the set is fitted to
         holdout_seed=-1,       # the seed that picks the held-out slice; -1 = the run's `seed`. Fixed (e.g. 0),
-                               # repeats of a setting with other seeds score on the same held-out images,
-                               # so their spread is the trajectory's alone (the panel's noise term)
+                               # repeats of a setting with other seeds fit and score the same images, so
+                               # their spread is the trajectory's, not the slice's (the panel's noise term)
         progress="bar",        # protocol evaluation and baselines: "bar" (tqdm), "log" (INFO lines), "" (silent)
         keep_best=False,       # export the tracked-best set instead of the last one (needs track_every)
         patience=0,            # stop early after this many tracks without a new best (0 = never;

@@ -20,7 +20,8 @@ well but an SGD-trained probe does not (the set encodes the inverse of a near-si
 CE gradients of random linear heads) on the same synthetic and real features, times that weight: CLP
 fits the ridge probe's solution, LGM the direction a probe trained from a small random init first moves,
 which is where the evaluation protocol's Adam probe starts. The real side costs nothing extra (cached
-features); measured on the tuning panel: docs/panel.md#clp-with-lgms-gradient-matching-at-20-minutes.
+features); measured on the tuning panel with 1 and 8 heads, neither adopted (Imagenette's tracker lower):
+docs/panel.md#clp-with-lgms-gradient-matching-at-20-minutes.
 """
 from __future__ import annotations
 
