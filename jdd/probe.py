@@ -21,11 +21,13 @@ chunk of epochs the features of all seeds x epochs x images are computed first, 
 largest divisor of `epochs` whose features fit in `chunk_budget_mb`. Seeds are `vmap`ped.
 
 Progress (`cfg.progress`, off by default): the compiled program reports to the host with
-`jax.debug.callback` after each micro-batch of views it embeds (full mode: that is where the time goes;
-a 1000-epoch run on a few images is often a single chunk) or after each chunk (features mode), and the
-host prints the fraction done, the elapsed time and an ETA (a tqdm bar, or log lines). The callbacks
-only read values, so results are bit-identical with and without progress (tests/test_probe.py); the
-program stays one compilation, which takes a run id as an argument to find its reporter.
+`jax.debug.callback` after each micro-batch of views it embeds (full and bank modes: that is where the
+time goes; a 1000-epoch run on a few images is often a single chunk) or after each chunk (features
+mode), and the host prints the fraction done, the elapsed time and an ETA (a tqdm bar, or log lines).
+The callbacks only read values, so results are bit-identical with and without progress
+(tests/test_probe.py); the program stays one compilation, which takes a run id as an argument to find
+its reporter. Full and bank modes report even when silent: a report is where a program whose caller
+has gone (a signal, Ctrl-C) ends, instead of running its minutes to the end (`jdd.signals.call`).
 
 Randomness is derived: seed s -> `fold_in(key, s)` -> (init key, run key); epoch e -> `fold_in(run key, e)`
 -> (permutation key, augmentation key); image i of that epoch -> `fold_in(augmentation key, i)`. A view's
@@ -51,6 +53,7 @@ import optax
 from jax.tree_util import Partial
 
 from jdd import progress as progress_lib
+from jdd import signals
 from jdd.methods import linear
 
 PROTOCOL_FULL = "LGM linear probe (augmented views through the frozen backbone)"
@@ -267,13 +270,16 @@ def train_linear(key, feats_or_fn, labels, *, num_classes: int, cfg, seed_ids=No
         dim = source.shape[1]
     full = callable(feats_or_fn)
     hp = make_hyper(cfg, y.shape[0], dim, len(seed_ids), full)
-    if not shown:
+    if not shown and not full:  # features mode: one program of milliseconds (the tracker's), no reports
         return train_program(key, seed_ids, source, y, hp)
     desc = desc or f"probe ({'full' if full else 'features'})"
     units = _progress_units(hp, len(seed_ids), y.shape[0], full)
     with progress_lib.reporter(progress_lib.Progress(units, shown, desc, epochs=hp.epochs)) as run_id:
-        # Waits for the result, so that every report has arrived before the reporter goes.
-        return jax.block_until_ready(train_program(key, seed_ids, source, y, hp, jnp.int32(run_id), progress=True))
+        # Waits for the result, so that every report has arrived before the reporter goes, with the
+        # main thread free for a signal's handler (signals.call); if it raises, the program ends at
+        # its next report.
+        return signals.call(lambda: train_program(key, seed_ids, source, y, hp, jnp.int32(run_id), progress=True),
+                            abandon=lambda: progress_lib.abandon(run_id))
 
 
 def make_hyper(cfg, n: int, dim: int, num_seeds: int, full: bool) -> Hyper:

@@ -9,6 +9,11 @@ work: depending on it makes the call wait for that work, and reading a value cha
         out = jax.block_until_ready(compiled(..., run_id))
 
 Host loops use a `Progress` directly: `p.update(done)` after each item.
+
+A report is also where a program that nobody waits for any more ends: after `abandon(run_id)` (the
+waiter was stopped by a signal: `jdd.signals.call`), the program's next report raises `Abandoned`,
+which fails the program instead of letting it run on unobserved (minutes for a full-protocol
+evaluation, holding the CPU or accelerator, and a process must not exit while a program runs).
 """
 from __future__ import annotations
 
@@ -77,7 +82,21 @@ class Progress:
             self.bar.close()
 
 
+class Abandoned(RuntimeError):
+    """Raised by a report of an abandoned run: it ends that run's program."""
+
+
+class _NotAbandoned(logging.Filter):
+    """jax logs every failed debug callback with its traceback; an abandoned run's is intended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], Abandoned))
+
+
+logging.getLogger("jax._src.debugging").addFilter(_NotAbandoned())
+
 _REPORTERS: dict[int, Progress] = {}
+_ABANDONED: set[int] = set()
 _RUN_IDS = itertools.count(1)
 
 
@@ -93,8 +112,16 @@ def reporter(progress: Progress):
         progress.close()
 
 
+def abandon(run_id: int) -> None:
+    """From now on a report of run `run_id` raises `Abandoned`, which ends its program."""
+    _ABANDONED.add(int(run_id))
+
+
 def report(run_id, done, after=None) -> None:
     """The host callback: `done` units of run `run_id` are finished (`after`: see module doc)."""
-    rep = _REPORTERS.get(int(run_id))
+    run_id = int(run_id)
+    if run_id in _ABANDONED:
+        raise Abandoned(f"run {run_id}: its waiter has gone; ending the program")
+    rep = _REPORTERS.get(run_id)
     if rep is not None:
         rep.update(int(done))

@@ -7,8 +7,12 @@ points (after a step: write the checkpoint of the current step; after a batch of
 are on disk), then raises :class:`Interrupted` with one line saying where it stopped. Anywhere else
 (building the context, evaluating) nothing is half-written that a later run would read, so the
 handler raises at once, with the line of the current :func:`stage`. A second signal always stops at
-once. The command line prints the line and exits with 128 + the signal number (130 for SIGINT,
-143 for SIGTERM), as a shell reports a process killed by that signal.
+once. "At once" needs the main thread in Python: Python runs a handler only there, and a wait inside
+the runtime for a compiled program (a full-protocol evaluation is one program of minutes) would hold
+it until the program returns; so the probe's long programs run through :func:`call`, and such a
+program ends at its next progress report (``jdd.progress.abandon``). The command line prints the
+line and exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM), as a shell reports a
+process killed by that signal.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import signal
 import threading
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+POLL_S = 0.05  # call(): how often the waiting main thread looks at the worker
 
 
 class Interrupted(BaseException):
@@ -114,3 +119,43 @@ def stop(text: str) -> None:
     global _pending
     signum, _pending = (_pending if _pending is not None else signal.SIGTERM), None
     raise Interrupted(signum, f"interrupted by {name(signum)} {text}")
+
+
+def call(fn, abandon):
+    """``jax.block_until_ready(fn())``, computed on a worker thread while the main thread waits in Python.
+
+    Why: Python runs a signal's handler only on the main thread, between bytecodes, and a program that
+    runs for minutes inside the runtime holds it until it returns (on CPU a program with host callbacks
+    even runs inside the call that launches it). Waiting here, a handler that raises (ours, or the
+    default SIGINT's KeyboardInterrupt) raises at once. Before that exception goes on, ``abandon()``
+    must make the program end soon (``jdd.progress.abandon``: its next report raises), and the worker is
+    joined: a process that exits while a program runs is aborted by the runtime. Off the main thread
+    (signals never arrive there) ``fn`` runs on the calling thread.
+    """
+    import jax  # lazily: the rest of this module needs only the standard library
+    if threading.current_thread() is not threading.main_thread():
+        return jax.block_until_ready(fn())
+    box, done = {}, threading.Event()
+
+    def work():
+        try:
+            box["out"] = jax.block_until_ready(fn())
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            box["err"] = err
+        finally:
+            done.set()
+    worker = threading.Thread(target=work, name="jdd-program", daemon=True)
+    worker.start()
+    try:
+        while not done.wait(POLL_S):  # a handler that raises, raises here
+            pass
+    except BaseException:
+        # Not Thread.join: interrupted, it can mark a running thread as ended (CPython's bpo-45274 fix).
+        abandon()
+        done.wait()
+        worker.join()
+        raise
+    worker.join()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]

@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -240,6 +241,92 @@ def test_sigterm_during_a_cache_build_keeps_finished_batches(tree, tmp_path):
     np.testing.assert_array_equal(np.asarray(again.features), ref)
 
 
+def _slow_full_probe(epochs: int):
+    """A full-protocol probe on 8 tiny images whose one compiled program reports ~every few ms and,
+    left alone, runs for tens of seconds (a backbone stand-in of 40 chained matmuls per view)."""
+    import jax
+    import jax.numpy as jnp
+    from jdd import probe
+    images = jax.random.uniform(jax.random.PRNGKey(0), (8, 16, 16, 3))
+    proj = jax.random.normal(jax.random.PRNGKey(1), (768, 768)) / 28.0
+
+    def embed(x):
+        h = x.reshape(x.shape[0], -1)
+        for _ in range(40):
+            h = jnp.tanh(h @ proj)
+        return h[:, :16]
+    cfg = probe.probe_config()
+    cfg.epochs, cfg.seeds, cfg.embed_batch, cfg.chunk_epochs = epochs, 1, 64, epochs
+    source = jax.tree_util.Partial(probe.augment_embed, probe.default_augment_fn(cfg), jax.tree_util.Partial(embed),
+                                   images)
+    return lambda: probe.train_linear(jax.random.PRNGKey(2), source, np.arange(8) % 4, num_classes=4, cfg=cfg)
+
+
+@pytest.mark.parametrize("where", ["command line", "notebook"])
+def test_signal_during_a_compiled_evaluation_stops_it_at_once(monkeypatch, where):
+    """A full-protocol evaluation is one compiled program of minutes: a signal stops the run within
+    moments (the wait is in Python), the program itself ends at its next report instead of running on
+    unobserved, and the runtime stays usable. "notebook": Python's own SIGINT handler
+    (KeyboardInterrupt, what interrupting a kernel sends) instead of jdd's handlers. That the process
+    then exits cleanly is the command-line test below."""
+    from jdd import progress
+    reports = []
+    real = progress.report
+
+    def report(run_id, done, after=None):
+        reports.append((time.perf_counter(), int(done)))
+        return real(run_id, done, after)
+    monkeypatch.setattr(progress, "report", report)  # traced into the program below (a new embed: a new trace)
+    train = _slow_full_probe(epochs=4000)  # 500 reports of 64 views, silent
+    sent = []
+
+    def send_after_the_first_report():
+        while not reports:
+            time.sleep(0.001)
+        time.sleep(0.2)
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGTERM if where == "command line" else signal.SIGINT)
+    sender = threading.Thread(target=send_after_the_first_report, daemon=True)
+    if where == "command line":
+        with signals.handled(), signals.stage("during evaluation: no scores were written; rerun the same command"):
+            sender.start()
+            with pytest.raises(signals.Interrupted) as err:
+                train()
+            raised = time.perf_counter()
+        assert str(err.value) == ("interrupted by SIGTERM during evaluation: no scores were written; rerun the "
+                                  "same command")
+    else:
+        before = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            sender.start()
+            with pytest.raises(KeyboardInterrupt):
+                train()
+            raised = time.perf_counter()
+        finally:
+            signal.signal(signal.SIGINT, before)
+    sender.join()
+    assert raised - sent[0] < 1.0, f"stopped {raised - sent[0]:.1f} s after the signal"
+    seen = len(reports)
+    time.sleep(1.0)
+    assert len(reports) == seen, "the abandoned program kept running"
+    done = max(d for _, d in reports)
+    assert done < 250, f"the program ran to report {done} of 500"
+    again = _slow_full_probe(epochs=8)()  # the runtime is usable afterwards
+    assert np.isfinite(np.asarray(again["w"])).all()
+
+
+def test_call_returns_the_result_and_raises_the_programs_error():
+    import jax.numpy as jnp
+    out = signals.call(lambda: {"a": jnp.arange(3) * 2, "c": 7}, abandon=lambda: None)
+    np.testing.assert_array_equal(out["a"], [0, 2, 4])
+    assert out["c"] == 7
+
+    def fails():
+        raise ValueError("shapes differ")
+    with pytest.raises(ValueError, match="shapes differ"):
+        signals.call(fails, abandon=lambda: None)
+
+
 def _checkpoint_steps(workdir) -> list[int]:
     ckpts = pathlib.Path(workdir) / "checkpoints"
     return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
@@ -312,6 +399,44 @@ def test_sigterm_during_evaluation_says_what_was_lost(tmp_path, monkeypatch):
     assert str(err.value) == (f"interrupted by SIGTERM during evaluation: the distilled set is saved in {work}, its "
                               f"scores were not written; score it with the same command and --mode=eval")
     assert (work / "distilled.npz").exists() and not (work / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_full_protocol_evaluation_ends_the_process(tmp_path):
+    """The command line, end to end: SIGTERM while the full protocol's one compiled program runs ends
+    the process within seconds, with the evaluation's line and status 143, not after the program."""
+    data = make_imagefolder(tmp_path / "d", counts={"train": 3, "val": 2}, seed=0)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(REPO),
+               JDD_JAX_CACHE=str(tmp_path / "jax"))
+    env.pop("JDD_DEBUG", None)
+    work = tmp_path / "w"
+    cmd = [sys.executable, "-m", "jdd.main", f"--config={TINY}:data={data},steps=2,evaluate=True",
+           f"--workdir={work}", "--config.eval.mode=full", "--config.eval.epochs=20000",
+           "--config.eval.progress=log"]
+    log = open(tmp_path / "run.log", "w+")
+    run = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and run.poll() is None:  # until the evaluation's first report
+        log.seek(0)
+        if (work / "distilled.npz").exists() and "ETA" in log.read():
+            break
+        time.sleep(0.05)
+    assert run.poll() is None, open(tmp_path / "run.log").read()[-3000:]
+    t0 = time.time()
+    run.send_signal(signal.SIGTERM)
+    try:
+        run.wait(timeout=120)
+    finally:
+        run.kill()
+    waited = time.time() - t0
+    log.seek(0)
+    err = log.read()
+    assert run.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"jdd: interrupted by SIGTERM during evaluation: the distilled set is saved in {work}, its scores were "
+        f"not written; score it with the same command and --mode=eval"), err[-3000:]
+    assert waited < 15, f"the process ended {waited:.0f} s after SIGTERM"
+    assert "Traceback" not in err, err[-3000:]
 
 
 @pytest.mark.slow
