@@ -14,7 +14,9 @@ raw `logits / T`, the best T fell as 1 / (1 + ridge) along the whole ridge range
 The paper publishes no code; our choices (trace-scaled ridge, centred targets `Y - 1/C`, unpenalised
 bias, relative temperature) and their defaults were chosen by measurement: docs/tuning.md#clp
 (`launch/studies/tune_clp.py`, with the tables). Ridges <= 0.01 make sets that a closed-form ridge probe reads
-well but an SGD-trained probe does not (the set encodes the inverse of a near-singular Gram).
+well but an SGD-trained probe does not (the set encodes the inverse of a near-singular Gram). In image
+space on the tuning panel at equal wall time, T = 0.2 was ahead on the fine-grained member only and
+T = 0.05 behind (docs/panel.md#clps-temperature-at-20-minutes), so T = 0.1 stays.
 
 `lgm_weight` > 0 adds LGM's loss (jdd.methods.lgm: the cosine distance between the real and synthetic
 CE gradients of random linear heads) on the same synthetic and real features, times that weight: CLP
