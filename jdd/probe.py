@@ -25,7 +25,7 @@ Progress (`cfg.progress`, off by default): the compiled program reports to the h
 time goes; a 1000-epoch run on a few images is often a single chunk) or after each chunk (features
 mode), and the host prints the fraction done, the elapsed time and an ETA (a tqdm bar, or log lines).
 The callbacks only read values, so results are bit-identical with and without progress
-(tests/test_probe.py); the program stays one compilation, which takes a run id as an argument to find
+(tests/test_progress.py); the program stays one compilation, which takes a run id as an argument to find
 its reporter. Full and bank modes report even when silent: a report is where a program whose caller
 has gone (a signal, Ctrl-C) ends, instead of running its minutes to the end (`jdd.signals.call`).
 

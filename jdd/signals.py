@@ -150,7 +150,8 @@ def call(fn, abandon):
         while not done.wait(POLL_S):  # a handler that raises, raises here
             pass
     except BaseException:
-        # Not Thread.join: interrupted, it can mark a running thread as ended (CPython's bpo-45274 fix).
+        # Waits on `done`, not in Thread.join: an interrupted join can mark a running thread as ended
+        # (CPython's bpo-45274 branch), and the process would then exit under a running program.
         abandon()
         done.wait()
         worker.join()
