@@ -327,6 +327,15 @@ def test_call_returns_the_result_and_raises_the_programs_error():
         signals.call(fails, abandon=lambda: None)
 
 
+def _cli_env(tmp_path) -> dict:
+    """The environment of a `python -m jdd.main` subprocess: one CPU device, this checkout, a fresh
+    compile cache, and no --verbose (the last line is the one-line message)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(REPO),
+               JDD_JAX_CACHE=str(tmp_path / "jax"))
+    env.pop("JDD_DEBUG", None)
+    return env
+
+
 def _checkpoint_steps(workdir) -> list[int]:
     ckpts = pathlib.Path(workdir) / "checkpoints"
     return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
@@ -338,9 +347,7 @@ def test_signal_mid_distillation_checkpoints_the_current_step(tmp_path, sig):
     """A signal between checkpoints: the run writes the step it is at, says so in one line, exits with
     128 + the signal; the same command resumes there and ends with the uninterrupted run's set."""
     data = make_imagefolder(tmp_path / "d", counts={"train": 3, "val": 2}, seed=0)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(REPO),
-               JDD_JAX_CACHE=str(tmp_path / "jax"))
-    env.pop("JDD_DEBUG", None)
+    env = _cli_env(tmp_path)
     steps = 120
 
     def cmd(workdir):  # no interval checkpoint before the end: the only one is the signal's
@@ -406,9 +413,7 @@ def test_sigterm_during_a_full_protocol_evaluation_ends_the_process(tmp_path):
     """The command line, end to end: SIGTERM while the full protocol's one compiled program runs ends
     the process within seconds, with the evaluation's line and status 143, not after the program."""
     data = make_imagefolder(tmp_path / "d", counts={"train": 3, "val": 2}, seed=0)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(REPO),
-               JDD_JAX_CACHE=str(tmp_path / "jax"))
-    env.pop("JDD_DEBUG", None)
+    env = _cli_env(tmp_path)
     work = tmp_path / "w"
     cmd = [sys.executable, "-m", "jdd.main", f"--config={TINY}:data={data},steps=2,evaluate=True",
            f"--workdir={work}", "--config.eval.mode=full", "--config.eval.epochs=20000",
