@@ -203,6 +203,17 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _held_out_slice_only(flat: dict) -> None:
+    """Rewrites ``eval.holdout_seed`` in place as the slice it picks: the run's seed for -1, absent without
+    a held-out slice (``eval.track_holdout`` = 0), so that only a change of the slice refuses a resume."""
+    if "eval.holdout_seed" not in flat:
+        return
+    if not flat.get("eval.track_holdout"):
+        del flat["eval.holdout_seed"]
+    elif flat["eval.holdout_seed"] < 0:
+        flat["eval.holdout_seed"] = flat.get("seed")
+
+
 def check_resumable(saved: dict, meta: dict, ckpt_dir: str, allow: tuple[str, ...] = ()) -> None:
     """Refuses to resume with a config that would change the trajectory, except the keys in ``allow``
     (e.g. ``syn.lr`` to continue a run with a lower learning rate)."""
@@ -215,6 +226,8 @@ def check_resumable(saved: dict, meta: dict, ckpt_dir: str, allow: tuple[str, ..
     for k, default in TRAJECTORY_KEYS.items():
         if k in now:
             then.setdefault(k, default)
+    for flat in (now, then):
+        _held_out_slice_only(flat)
     diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
     if diff:
         shown = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in diff[:6])

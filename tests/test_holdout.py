@@ -92,5 +92,16 @@ def test_resume_refuses_another_holdout_seed_and_reads_older_configs_as_the_run_
     def meta(**evals):
         return {"config": {"seed": 0, "eval": {"track_every": 10, "track_holdout": 0.2, **evals}}}
     loop.check_resumable(meta(), meta(holdout_seed=-1), "ckpt")  # saved before the key existed
-    with pytest.raises(ValueError, match=r"eval.holdout_seed: -1 -> 3"):
+    loop.check_resumable(meta(), meta(holdout_seed=0), "ckpt")  # -1 = the run's seed 0: the same slice
+    with pytest.raises(ValueError, match=r"eval.holdout_seed: 0 -> 3"):
         loop.check_resumable(meta(), meta(holdout_seed=3), "ckpt")
+
+
+def test_resume_ignores_the_holdout_seed_without_a_held_out_slice():
+    def meta(track_holdout, holdout_seed):
+        return {"config": {"seed": 0, "eval": {"track_every": 10, "track_holdout": track_holdout,
+                                                 "holdout_seed": holdout_seed}}}
+    loop.check_resumable(meta(0.0, -1), meta(0.0, 5), "ckpt")  # no slice either way: nothing changes
+    with pytest.raises(ValueError, match=r"eval.holdout_seed: None -> 5, eval.track_holdout: 0.0 -> 0.2"):
+        loop.check_resumable(meta(0.0, -1), meta(0.2, 5), "ckpt")
+
