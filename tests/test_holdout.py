@@ -1,6 +1,10 @@
 """eval.track_holdout: the tracker scores on a held-out slice of the train split that the objective's
 real features and the centroid start never see; the slice is fixed by the seed (or by
 eval.holdout_seed), and a resumed run cannot change it (it changes the trajectory)."""
+import importlib.util
+import json
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -105,3 +109,23 @@ def test_resume_ignores_the_holdout_seed_without_a_held_out_slice():
     with pytest.raises(ValueError, match=r"eval.holdout_seed: None -> 5, eval.track_holdout: 0.0 -> 0.2"):
         loop.check_resumable(meta(0.0, -1), meta(0.2, 5), "ckpt")
 
+
+def test_tune_clp_scores_the_trackers_held_out_slice_of_a_cache(tmp_path):
+    """launch/studies/tune_clp.py --cache: fits the rest of the train split and scores the slice that a
+    run with eval.track_holdout holds out, so that a features-space study stays off the val split."""
+    spec = importlib.util.spec_from_file_location(
+        "tune_clp", pathlib.Path(__file__).parents[1] / "launch" / "studies" / "tune_clp.py")
+    tune_clp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune_clp)
+    labels = np.repeat(np.arange(3), 10)
+    feats = np.arange(30 * 2 * 4, dtype=np.float32).reshape(30, 2, 4)  # 2 views: view 0 is read
+    np.save(tmp_path / "features.npy", feats)
+    np.save(tmp_path / "labels.npy", labels)
+    (tmp_path / "meta.json").write_text(json.dumps({"num_examples": 30, "views": 2, "dim": 4}))
+    args = tune_clp.parse_args(["--cache", str(tmp_path), "--holdout", "0.2", "--holdout_seed", "3"])
+    tz, ty, vz, vy = tune_clp.load(args)
+    fit, held = selection.held_out_split(labels, 0.2, 3)
+    np.testing.assert_array_equal(vz, feats[held, 0])
+    np.testing.assert_array_equal(tz, feats[fit, 0])
+    np.testing.assert_array_equal(vy, labels[held])
+    assert len(vy) == 6 and np.bincount(vy).tolist() == [2, 2, 2]

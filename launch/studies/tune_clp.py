@@ -9,7 +9,10 @@ hyper-parameters is informative and cheap to get.
         [--ridges 0.1,0.3,1,3,10] [--temperatures 0.05,0.1,0.2,0.4,0.8] [--fit_bias 1,0] [--ipc 1]
 
 Inputs: four .npy files (train_feats [N, D] float, train_labels [N] int, val_feats, val_labels),
-named by --feats_dir (train_feats.npy, ...) or given one by one. Prints a markdown table and writes
+named by --feats_dir (train_feats.npy, ...) or given one by one; or, to stay on the train split, a
+jdd feature cache of it (--cache DIR, e.g. a run's ``feature_cache/imagefolder_train_...``) split with
+--holdout 0.2 --holdout_seed 0: the slice that ``eval.track_holdout=0.2`` holds out of a seed-0 run
+is scored, the rest is fitted. Prints a markdown table and writes
 it as JSON with --out. Columns (mean ± std over --seeds distillation seeds, val top-1 %):
   probe: the project's evaluation probe (jdd.probe, LGM protocol, features mode: Adam at
          1e-3 * batch / 256, 1000 epochs, cosine, W ~ N(0, 0.01^2)), --probe_seeds heads per set;
@@ -29,7 +32,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from jdd import probe
+from jdd import probe, selection
+from jdd.data import FeatureCache
 from jdd.methods import clp, linear
 
 # Secondary evaluation: closed-form ridge probe with an unpenalised bias.
@@ -38,7 +42,11 @@ EVAL_RIDGE = 1e-2
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--feats_dir", type=pathlib.Path, help="dir with {train,val}_{feats,labels}.npy")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--feats_dir", type=pathlib.Path, help="dir with {train,val}_{feats,labels}.npy")
+    source.add_argument("--cache", type=pathlib.Path, help="a jdd feature cache of the train split (view 0 is read)")
+    p.add_argument("--holdout", type=float, default=0.2, help="with --cache: the scored fraction of each class")
+    p.add_argument("--holdout_seed", type=int, default=0, help="with --cache: the seed of the held-out slice")
     for split in ("train", "val"):
         for part in ("feats", "labels"):
             p.add_argument(f"--{split}_{part}", type=pathlib.Path)
@@ -64,6 +72,11 @@ def parse_args(argv=None):
 
 def load(args):
     """(train_z, train_y, val_z, val_y) as float32 / int32 numpy arrays, checked for consistency."""
+    if args.cache:
+        cache = FeatureCache.open(str(args.cache))
+        fit, held = selection.held_out_split(cache.labels, args.holdout, args.holdout_seed)
+        z, y = np.asarray(cache.view(0), np.float32), np.asarray(cache.labels, np.int32)
+        return z[fit], y[fit], z[held], y[held]
     paths = {}
     for split, part in itertools.product(("train", "val"), ("feats", "labels")):
         path = getattr(args, f"{split}_{part}") or (
