@@ -62,15 +62,18 @@ def _objective(params, xs, ys, n, l2, num_classes):
     return total / n + 0.5 * l2 * jnp.sum(params["w"] ** 2)
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "max_iter", "memory_size", "chunk"))
-def fit_lbfgs(feats, labels, l2s, tol, *, num_classes, max_iter, memory_size, chunk):
-    """L-BFGS fits for each l2 in l2s [G] (vmapped): params {"w": [G, D, C], "b": [G, C]}, iters, |grad|."""
-    n, d = feats.shape
-    m = min(chunk, n)
-    xs, ys = linear.pad_batches(feats, m), linear.pad_batches(labels, m, fill=-1)
+# L-BFGS iterations per compiled call of the ceiling's fit. The fit is a host loop of such calls, not one
+# program: Python runs a signal handler only between calls, and one fit at C = 100 takes minutes.
+ITERS_PER_CALL = 10
+
+
+@functools.partial(jax.jit, static_argnames=("n", "num_classes", "max_iter", "memory_size"))
+def _lbfgs_iterations(params, state, limit, xs, ys, l2s, tol, *, n, num_classes, max_iter, memory_size):
+    """Runs the vmapped fits (one per l2 in l2s [G]) on until each has converged, reached max_iter or
+    reached ``limit`` iterations; returns (params, state, [G] bool: that fit still has iterations to go)."""
     solver = optax.lbfgs(memory_size=memory_size)
 
-    def fit(l2):
+    def one(l2, params, state):
         f = functools.partial(_objective, xs=xs, ys=ys, n=n, l2=l2, num_classes=num_classes)
         value_and_grad = optax.value_and_grad_from_state(f)
 
@@ -80,18 +83,46 @@ def fit_lbfgs(feats, labels, l2s, tol, *, num_classes, max_iter, memory_size, ch
             upd, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=f)
             return optax.apply_updates(params, upd), state
 
-        def cond(carry):
+        def going(carry):
             _, state = carry
             it = optax.tree_utils.tree_get(state, "count")
             gnorm = _norm(optax.tree_utils.tree_get(state, "grad"))
             return (it == 0) | ((it < max_iter) & (gnorm >= tol))
 
-        p0 = {"w": jnp.zeros((d, num_classes), jnp.float32), "b": jnp.zeros((num_classes,), jnp.float32)}
-        params, state = jax.lax.while_loop(cond, body, (p0, solver.init(p0)))
-        gnorm = _norm(jax.grad(f)(params))
-        return params, optax.tree_utils.tree_get(state, "count"), gnorm
+        def cond(carry):
+            return going(carry) & (optax.tree_utils.tree_get(carry[1], "count") < limit)
 
-    return jax.vmap(fit)(l2s)
+        carry = jax.lax.while_loop(cond, body, (params, state))
+        return carry[0], carry[1], going(carry)
+
+    return jax.vmap(one)(l2s, params, state)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "num_classes"))
+def _grad_norms(params, xs, ys, l2s, *, n, num_classes):
+    one = lambda l2, p: _norm(jax.grad(_objective)(p, xs, ys, n, l2, num_classes))  # noqa: E731
+    return jax.vmap(one)(l2s, params)
+
+
+def fit_lbfgs(feats, labels, l2s, tol, *, num_classes, max_iter, memory_size, chunk):
+    """L-BFGS fits for each l2 in l2s [G] (vmapped): params {"w": [G, D, C], "b": [G, C]}, iters, |grad|.
+    ``ITERS_PER_CALL`` iterations per compiled call, so that a signal stops the fit within one call; the
+    iterates are those of one uninterrupted loop."""
+    n, d = feats.shape
+    m = min(chunk, n)
+    xs, ys = linear.pad_batches(feats, m), linear.pad_batches(labels, m, fill=-1)
+    l2s = jnp.asarray(l2s, jnp.float32)
+    g = l2s.shape[0]
+    params = {"w": jnp.zeros((g, d, num_classes), jnp.float32), "b": jnp.zeros((g, num_classes), jnp.float32)}
+    state = jax.vmap(optax.lbfgs(memory_size=memory_size).init)(params)
+    kw = dict(n=n, num_classes=num_classes, max_iter=max_iter, memory_size=memory_size)
+    limit, going = 0, True
+    while going:
+        limit += ITERS_PER_CALL
+        params, state, left = _lbfgs_iterations(params, state, limit, xs, ys, l2s, tol, **kw)
+        going = bool(np.any(np.asarray(left)))  # waits for the call: a signal's handler runs here
+    gnorm = _grad_norms(params, xs, ys, l2s, n=n, num_classes=num_classes)
+    return params, optax.tree_utils.tree_get(state, "count"), gnorm
 
 
 def full_dataset_probe(key, train_feats, train_labels, test_feats, test_labels, *, num_classes: int,

@@ -1,6 +1,11 @@
 """jdd.baselines: selections with known answers, the full-dataset fit against a float64 Newton optimum."""
 import json
+import os
+import signal
+import threading
+import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -142,6 +147,50 @@ def test_lbfgs_fit_reaches_the_newton_optimum():
         np.testing.assert_allclose(params["w"][g], w, atol=2e-4)
         np.testing.assert_allclose(params["b"][g], b - b.mean(), atol=2e-4)
     assert (np.asarray(iters) < 500).all()
+
+
+def _lbfgs_inputs(n=120, d=5, c=3):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = rng.integers(0, c, n)
+    x[np.arange(n), y] += 1.0
+    return jax.numpy.asarray(x), jax.numpy.asarray(y)
+
+
+def test_lbfgs_fit_in_many_calls_is_the_one_loop(monkeypatch):
+    x, y = _lbfgs_inputs()
+    kw = dict(num_classes=3, max_iter=60, memory_size=5, chunk=50)
+    l2s = jax.numpy.asarray([1e-3, 1e-1], np.float32)
+    monkeypatch.setattr(baselines, "ITERS_PER_CALL", 10 ** 6)
+    one = baselines.fit_lbfgs(x, y, l2s, 1e-6, **kw)
+    monkeypatch.setattr(baselines, "ITERS_PER_CALL", 1)
+    many = baselines.fit_lbfgs(x, y, l2s, 1e-6, **kw)
+    chex.assert_trees_all_equal(one, many)  # bit for bit: the same iterates, stopped at the same counts
+    assert 1 < int(many[1][1]) <= int(many[1][0]) <= 60  # the small-l2 fit needs more iterations
+
+
+def test_a_signal_stops_the_ceilings_fit_within_a_call():
+    """The ceiling's L-BFGS fit takes minutes at C = 100; a signal's handler must not wait for it."""
+    class Stop(Exception):
+        pass
+
+    def raise_stop(signum, frame):
+        raise Stop
+
+    x, y = _lbfgs_inputs(n=4000, d=64, c=10)
+    kw = dict(num_classes=10, max_iter=20000, memory_size=5, chunk=4000)  # ~5 min in one call
+    previous = signal.signal(signal.SIGUSR1, raise_stop)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        t0 = time.perf_counter()
+        timer.start()
+        with pytest.raises(Stop):
+            baselines.fit_lbfgs(x, y, jax.numpy.asarray([0.0], np.float32), 0.0, **kw)  # never converges
+        waited = time.perf_counter() - t0 - 1.0
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    assert waited < 3.0, f"the fit went on {waited:.1f} s after the signal"
 
 
 def _toy(rng, n_per, sep):
