@@ -109,6 +109,7 @@ def reporter(progress: Progress):
         yield run_id
     finally:
         _REPORTERS.pop(run_id)
+        _ABANDONED.discard(run_id)  # its program has ended: the caller waited for it (signals.call)
         progress.close()
 
 
