@@ -16,7 +16,9 @@ bias, relative temperature) and their defaults were chosen by measurement: docs/
 (`launch/studies/tune_clp.py`, with the tables). Ridges <= 0.01 make sets that a closed-form ridge probe reads
 well but an SGD-trained probe does not (the set encodes the inverse of a near-singular Gram). In image
 space on the tuning panel at equal wall time, T = 0.2 was ahead on the fine-grained member only and
-T = 0.05 behind (docs/panel.md#clps-temperature-at-20-minutes), so T = 0.1 stays. Ridge 3, ahead on
+T = 0.05 behind (docs/panel.md#clps-temperature-at-20-minutes), so T = 0.1 stays; a T set per
+dataset as half the centroid start's calibrated temperature lost on mini-ImageNet
+(docs/panel.md#clps-temperature-from-the-data). Ridge 3, ahead on
 optimised 100-class features, moved mini-ImageNet's images more slowly (docs/panel.md#clps-ridge-at-20-minutes).
 
 `lgm_weight` > 0 adds LGM's loss (jdd.methods.lgm: the cosine distance between the real and synthetic

@@ -18,6 +18,12 @@ it as JSON with --out. Columns (mean ± std over --seeds distillation seeds, val
          1e-3 * batch / 256, 1000 epochs, cosine, W ~ N(0, 0.01^2)), --probe_seeds heads per set;
   ridge: a closed-form ridge probe (ridge 1e-2, unpenalised bias) on the synthetic features, which
          shows how well the set encodes CLP's own inner solution.
+
+--calibration prints, for each of --ridges, the temperature at which the class-centroid start is
+calibrated: CLP's ridge probe fitted on the feature of each class's centroid image (the real image
+nearest its class mean, what ``syn.init=centroid`` starts from), its relative logits scored on the
+fitted real features, and the T that minimises their cross-entropy (log grid 1e-3..1e2). A property
+of the data and the ridge, compared with the best T in docs/panel.md#clps-temperature-from-the-data.
 """
 from __future__ import annotations
 
@@ -67,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--probe_seeds", type=int, default=2, help="evaluation heads per synthetic set")
     p.add_argument("--probe_epochs", type=int, default=1000)
     p.add_argument("--out", type=pathlib.Path, help="write the results as JSON here")
+    p.add_argument("--calibration", action="store_true",
+                   help="print the class-centroid start's calibrated temperature for each ridge, then exit")
     return p.parse_args(argv)
 
 
@@ -142,10 +150,32 @@ def evaluate(sets, syn_y, val_z, val_y, probe_cfg):
     return np.asarray(out).T
 
 
+def calibrated_temperature(train_z, train_y, num_classes: int, cfg, grid: int = 1001) -> float:
+    """The T (on CLP's relative scale) minimising the outer cross-entropy of CLP's ridge probe (``cfg``'s
+    ridge, centring and bias) fitted on each class's centroid feature, scored on all of ``train_z``.
+    The CE is convex in 1 / T, so the grid's minimum (1e-3..1e2, log-spaced) is the one minimum."""
+    idx = selection.centroid_indices(train_z, train_y, num_classes, 1)
+    onehot = jax.nn.one_hot(np.arange(num_classes), num_classes)
+    fit = linear.ridge_probe(jnp.asarray(train_z[idx]), linear.regression_targets(onehot, cfg.center_labels),
+                             cfg.ridge, form=cfg.form, fit_bias=cfg.fit_bias)
+    rel = linear.logits(fit, jnp.asarray(train_z)) * (1.0 + cfg.ridge)
+    targets = jax.nn.one_hot(np.asarray(train_y), num_classes)
+    temps = np.logspace(-3, 2, grid)
+    ces = jax.lax.map(lambda t: linear.softmax_ce(rel / t, targets), jnp.asarray(temps, jnp.float32))
+    return float(temps[int(jnp.argmin(ces))])
+
+
 def main(argv=None):
     args = parse_args(argv)
     train_z, train_y, val_z, val_y = load(args)
     num_classes = int(train_y.max()) + 1
+    if args.calibration:
+        for ridge in args.ridges:
+            cfg = ml_collections.ConfigDict(dict(clp.default_config(), ridge=ridge))
+            print(f"ridge={ridge:g}: the centroid start is calibrated at T = "
+                  f"{calibrated_temperature(train_z, train_y, num_classes, cfg):.3f} "
+                  f"({len(train_z)} fitted train features, {num_classes} classes)")
+        return
     real_batch = args.real_batch or min(args.ipc * 10 * num_classes, len(train_z))
     lr = args.lr * float(np.sqrt(np.mean(train_z ** 2)))
     syn_y = jax.nn.one_hot(np.repeat(np.arange(num_classes), args.ipc), num_classes)
