@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jdd import probe, progress
+from jdd import probe, progress, signals
 from jdd.methods import linear
 from jdd.selection import centroid_indices, held_out_split, neighbour_indices, random_indices
 
@@ -121,6 +121,7 @@ def fit_lbfgs(feats, labels, l2s, tol, *, num_classes, max_iter, memory_size, ch
         limit += ITERS_PER_CALL
         params, state, left = _lbfgs_iterations(params, state, limit, xs, ys, l2s, tol, **kw)
         going = bool(np.any(np.asarray(left)))  # waits for the call: a signal's handler runs here
+        signals.check()  # or, if its raise was lost (signals.check), the fit stops here
     gnorm = _grad_norms(params, xs, ys, l2s, n=n, num_classes=num_classes)
     return params, optax.tree_utils.tree_get(state, "count"), gnorm
 

@@ -54,13 +54,24 @@ def _handler(signum, frame) -> None:
     again = _pending is not None
     _pending = signum
     if again or not _deferring:
-        _pending = None  # acted on
+        # Stays pending until stop() or handled() clears it: Python drops an exception raised while
+        # the handler runs inside a garbage-collection callback (jax registers one) or a __del__, and
+        # check() then finds the signal at the next wait (measured: a raise lost in jax's callback).
         raise Interrupted(signum, f"interrupted by {name(signum)} {_stage}")
 
 
 def pending() -> int | None:
-    """The signal received inside :func:`deferred` and not acted on yet (None: none)."""
+    """The signal received and not acted on yet (None: none): inside :func:`deferred`, the one its
+    code polls for; outside, one whose raise from the handler was lost (see :func:`check`)."""
     return _pending
+
+
+def check() -> None:
+    """Outside :func:`deferred`, raises :class:`Interrupted` for a pending signal: one whose handler
+    ran where Python drops exceptions (a garbage-collection callback, a __del__). Called where the
+    main thread waits (:func:`call`, host loops of long fits), so such a signal still stops there."""
+    if _pending is not None and not _deferring:
+        stop(_stage)
 
 
 @contextlib.contextmanager
@@ -148,7 +159,7 @@ def call(fn, abandon):
     worker.start()
     try:
         while not done.wait(POLL_S):  # a handler that raises, raises here
-            pass
+            check()
     except BaseException:
         # Waits on `done`, not in Thread.join: an interrupted join can mark a running thread as ended
         # (CPython's bpo-45274 branch), and the process would then exit under a running program.
