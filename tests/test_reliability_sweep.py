@@ -233,7 +233,7 @@ def test_a_signal_whose_raise_is_lost_in_a_gc_callback_stops_at_the_next_wait():
     def during_gc(phase, info):
         if phase == "start" and not calls:
             calls.append(phase)
-            signals._handler(signal.SIGTERM, None)  # what Python runs when the signal lands here
+            signal.raise_signal(signal.SIGTERM)  # its handler runs here, inside the callback
     with signals.handled(), signals.stage("during evaluation: no scores were written; rerun the same command"):
         gc.callbacks.append(during_gc)
         try:
